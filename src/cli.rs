@@ -1,0 +1,147 @@
+//! Command-line interface (clap derive). Only parsing lives here; `listen` and `emulate` do the work.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Receive IoT device messages from a cloud server-side subscription (AMQP 1.0) as JSON lines.
+#[derive(Debug, Parser)]
+#[command(name = "iot-sub", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level or filter for stderr (RUST_LOG syntax); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Subscribe with a profile and write each message as one JSON line to stdout.
+    Listen(ListenArgs),
+    /// Run a local emulator of the Alibaba Cloud IoT AMQP endpoint (no cloud account needed).
+    #[cfg(feature = "emulator")]
+    Emulate(Box<EmulateArgs>),
+}
+
+/// `iot-sub listen`.
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// Profile name: a `[profiles.NAME]` table in the config file (`demo` works without one).
+    #[arg(short, long, value_name = "NAME")]
+    pub profile: String,
+
+    /// Config file [default: $IOT_SUB_CONFIG, $XDG_CONFIG_HOME/iot-sub/config.toml, /etc/iot-sub/config.toml].
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Exit 0 once N messages are written and accepted.
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+}
+
+/// How the emulator refuses a bad login (the real service's form is undocumented).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AuthFailureArg {
+    /// SASL outcome `auth`.
+    Sasl,
+    /// SASL succeeds, then the connection is closed with `amqp:unauthorized-access`.
+    Close,
+}
+
+/// `iot-sub emulate`.
+#[derive(Debug, Args)]
+pub struct EmulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:5671", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Host name in the generated server certificate (clients must connect with it).
+    #[arg(long, default_value = "localhost", value_name = "HOST")]
+    pub tls_hostname: String,
+
+    /// Where to write the generated CA certificate (point a profile's `ca_file` at it).
+    #[arg(long, default_value = "iot-sub-emulator-ca.pem", value_name = "FILE")]
+    pub ca_out: PathBuf,
+
+    /// AccessKey id the emulator accepts.
+    #[arg(long, env = "ALIBABA_CLOUD_ACCESS_KEY_ID", value_name = "ID")]
+    pub access_key_id: String,
+
+    /// AccessKey secret the emulator accepts.
+    #[arg(
+        long,
+        env = "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub access_key_secret: String,
+
+    /// Also accept this STS token (authMode=ststoken) with the same AccessKey pair.
+    #[arg(
+        long,
+        env = "ALIBABA_CLOUD_SECURITY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub security_token: Option<String>,
+
+    /// Only accept logins for this consumer group.
+    #[arg(long, value_name = "ID")]
+    pub consumer_group_id: Option<String>,
+
+    /// Simulated device messages per second (0: none).
+    #[arg(long, default_value_t = 5.0, value_name = "N")]
+    pub rate: f64,
+
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 6, value_name = "N")]
+    pub devices: usize,
+
+    /// Seed for the simulated devices.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub seed: u64,
+
+    /// Stop generating after N messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Publish the messages in this JSON-lines file at start
+    /// ({"topic":..,"messageId":..,"generateTime":..,"body":..} or "bodyBase64").
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+
+    /// How a bad login is refused.
+    #[arg(long, value_enum, default_value = "sasl")]
+    pub auth_failure: AuthFailureArg,
+
+    /// Delay before an unaccepted delivery is sent again.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub redelivery_delay: Duration,
+
+    /// An unsettled delivery times out after this long (then it is redelivered).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ack_timeout: Duration,
+
+    /// A receiver link must be attached this soon after connecting.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub attach_deadline: Duration,
+
+    /// Advertise this idle-time-out in the emulator's Open (default: none, so clients must
+    /// keep the connection alive on their own).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub advertise_idle_timeout: Option<Duration>,
+
+    /// Refuse logins whose timestamp is further than this from the emulator's clock.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_clock_skew: Option<Duration>,
+
+    /// Send messageId as an AMQP long instead of a string.
+    #[arg(long)]
+    pub message_id_as_long: bool,
+}

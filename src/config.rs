@@ -1,0 +1,758 @@
+//! Profiles: finding the config file, parsing `[profiles.NAME]`, defaults, validation.
+//!
+//! Nothing downstream sees TOML: [`load`] returns a checked [`Profile`] or a [`ConfigError`]
+//! that names the file, the profile, the field and what is allowed (exit status 78).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::cloud::alibaba::{AuthMode, SignMethod};
+
+/// Default AMQPS port of Aliyun's server-side subscription.
+pub const DEFAULT_PORT: u16 = 5671;
+/// Default idle-time-out sent in the Open frame.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The cloud accepts idle-time-outs from 30 s to 300 s.
+pub const IDLE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(300));
+/// Default link credit: the samples use 20 to 1000; 200 keeps ack latency low under backlog.
+pub const DEFAULT_CREDIT: u32 = 200;
+/// Largest credit accepted (beyond it, deliveries age past the cloud's 30 s ack timeout).
+pub const MAX_CREDIT: u32 = 5000;
+/// Default receiver source address (the cloud ignores it; the Java sample uses "default").
+pub const DEFAULT_SOURCE: &str = "default";
+/// Default client id template.
+pub const DEFAULT_CLIENT_ID: &str = "iot-sub-{hostname}";
+/// First reconnect delay.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Longest reconnect delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Environment variables the secrets come from unless the profile says otherwise.
+pub const ENV_ACCESS_KEY_ID: &str = "ALIBABA_CLOUD_ACCESS_KEY_ID";
+/// See [`ENV_ACCESS_KEY_ID`].
+pub const ENV_ACCESS_KEY_SECRET: &str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET";
+/// See [`ENV_ACCESS_KEY_ID`].
+pub const ENV_SECURITY_TOKEN: &str = "ALIBABA_CLOUD_SECURITY_TOKEN";
+/// The profile name that works with no config file: an embedded emulator.
+pub const DEMO_PROFILE: &str = "demo";
+
+/// A config problem, reported as one line and exit status 78 (EX_CONFIG).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file, when one was read.
+    pub file: Option<PathBuf>,
+    /// The profile, when one was selected.
+    pub profile: Option<String>,
+    /// The field at fault, when there is one.
+    pub field: Option<String>,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            profile: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: Some(field.to_string()),
+            ..ConfigError::new(message)
+        }
+    }
+
+    fn at(mut self, file: Option<&Path>, profile: &str) -> Self {
+        self.file = self.file.or_else(|| file.map(Path::to_path_buf));
+        self.profile.get_or_insert_with(|| profile.to_string());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("config error")?;
+        if let Some(file) = &self.file {
+            write!(f, " in {}", file.display())?;
+        }
+        if let Some(profile) = &self.profile {
+            write!(f, ", profile `{profile}`")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ", field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a secret (or the AccessKey id) comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// Written in the config file (draws a warning if the file is readable by others).
+    Inline(String),
+    /// An environment variable.
+    Env(String),
+    /// A file; surrounding whitespace is trimmed. Relative paths are relative to the config file.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(***)"),
+            SecretSource::Env(v) => write!(f, "Env({v})"),
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("the config file"),
+            SecretSource::Env(v) => write!(f, "environment variable {v}"),
+            SecretSource::File(p) => write!(f, "file {}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a string, { env = "VAR" } or { file = "/path" }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretSource, E> {
+                Ok(SecretSource::Inline(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
+                let key: String = map.next_key()?.ok_or_else(|| {
+                    de::Error::custom(r#"expected { env = "VAR" } or { file = "/path" }"#)
+                })?;
+                let value: String = map.next_value()?;
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom("give exactly one of `env` or `file`"));
+                }
+                match key.as_str() {
+                    "env" => Ok(SecretSource::Env(value)),
+                    "file" => Ok(SecretSource::File(PathBuf::from(value))),
+                    other => Err(de::Error::custom(format!(
+                        "unknown key `{other}`; expected `env` or `file`"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A profile as written in TOML (every field optional; [`validate`] applies defaults).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    cloud: Option<String>,
+    emulator: Option<bool>,
+    emulator_rate: Option<f64>,
+    host: Option<String>,
+    iot_instance_id: Option<String>,
+    uid: Option<String>,
+    region: Option<String>,
+    port: Option<i64>,
+    client_id: Option<String>,
+    consumer_group_id: Option<String>,
+    auth_mode: Option<String>,
+    sign_method: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    credit: Option<i64>,
+    source: Option<String>,
+    ca_file: Option<PathBuf>,
+    access_key_id: Option<SecretSource>,
+    access_key_secret: Option<SecretSource>,
+    security_token: Option<SecretSource>,
+    #[serde(default, with = "humantime_serde")]
+    backoff_initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    backoff_max: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    profiles: toml::Table,
+}
+
+/// Which cloud a profile talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    /// Alibaba Cloud IoT Platform server-side subscription.
+    Alibaba,
+}
+
+/// A checked profile: everything a subscriber needs except the secrets' values.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// The profile's name (for logs).
+    pub name: String,
+    /// The config file it came from (`None` for the built-in demo).
+    pub file: Option<PathBuf>,
+    /// Which cloud.
+    pub cloud: Cloud,
+    /// Start an embedded emulator and subscribe to it (the demo).
+    pub emulator: bool,
+    /// Messages per second the embedded emulator's simulated devices send.
+    pub emulator_rate: f64,
+    /// Endpoint host name: TLS SNI and certificate name.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Client id after template expansion (1-64 characters).
+    pub client_id: String,
+    /// Consumer group.
+    pub consumer_group_id: String,
+    /// Instance id, if the instance has one.
+    pub iot_instance_id: Option<String>,
+    /// aksign or ststoken.
+    pub auth_mode: AuthMode,
+    /// HMAC for the password.
+    pub sign_method: SignMethod,
+    /// idle-time-out sent in the Open frame.
+    pub idle_timeout: Duration,
+    /// Link credit.
+    pub credit: u32,
+    /// Receiver source address.
+    pub source: String,
+    /// Extra trust root (PEM), added to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Where the AccessKey id comes from.
+    pub access_key_id: SecretSource,
+    /// Where the AccessKey secret comes from.
+    pub access_key_secret: SecretSource,
+    /// Where the STS token comes from (ststoken only).
+    pub security_token: Option<SecretSource>,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// The config file to read: `--config`, else `IOT_SUB_CONFIG`, else the XDG path, else
+/// `/etc/iot-sub/config.toml`. Returns the candidates looked at when none exists.
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, Vec<PathBuf>> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("IOT_SUB_CONFIG").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = Vec::new();
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = xdg {
+        candidates.push(dir.join("iot-sub").join("config.toml"));
+    }
+    candidates.push(PathBuf::from("/etc/iot-sub/config.toml"));
+    match candidates.iter().find(|p| p.exists()) {
+        Some(p) => Ok(p.clone()),
+        None => Err(candidates),
+    }
+}
+
+/// Loads profile `name`. With no config file anywhere, the name `demo` gives the built-in demo.
+pub fn load(explicit: Option<&Path>, name: &str) -> Result<Profile, ConfigError> {
+    let path = match locate(explicit) {
+        Ok(p) => p,
+        Err(_) if name == DEMO_PROFILE => return Ok(demo_profile()),
+        Err(looked) => {
+            let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
+            return Err(ConfigError {
+                profile: Some(name.to_string()),
+                ..ConfigError::new(format!(
+                    "no config file found (looked at --config, IOT_SUB_CONFIG, {}); \
+                     see config/example.toml",
+                    list.join(", ")
+                ))
+            });
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+        file: Some(path.clone()),
+        ..ConfigError::new(format!("cannot read the file: {e}"))
+    })?;
+    match parse(&text, name, Some(&path)) {
+        Err(e) if name == DEMO_PROFILE && e.message.starts_with("no profile") => Ok(demo_profile()),
+        other => other.inspect(|p| warn_if_inline_secrets_are_exposed(p, &path)),
+    }
+}
+
+/// Parses profile `name` out of a config file's text.
+pub fn parse(text: &str, name: &str, file: Option<&Path>) -> Result<Profile, ConfigError> {
+    let whole: RawFile = toml::from_str(text).map_err(|e| ConfigError {
+        file: file.map(Path::to_path_buf),
+        ..ConfigError::new(format!("not valid TOML: {}", one_line(&e.to_string())))
+    })?;
+    let Some(table) = whole.profiles.get(name) else {
+        let known: Vec<&str> = whole.profiles.keys().map(String::as_str).collect();
+        return Err(ConfigError::new(format!(
+            "no profile `{name}` (profiles in the file: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+        .at(file, name));
+    };
+    let raw: RawProfile = serde_path_to_error::deserialize(table.clone()).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            field_error_from_serde(e.path(), &e.inner().to_string()).at(file, name)
+        },
+    )?;
+    validate(raw, name, file).map_err(|e| e.at(file, name))
+}
+
+/// serde's message, with the field it is about: the path to the bad value, or for an unknown
+/// field ("unknown field `x`, expected one of ...") the name in backticks.
+fn field_error_from_serde(path: &serde_path_to_error::Path, message: &str) -> ConfigError {
+    let message = one_line(message);
+    let path = path.to_string();
+    let field = if message.starts_with("unknown field") {
+        message.split('`').nth(1).map(str::to_string)
+    } else if path != "." && !path.is_empty() {
+        Some(path)
+    } else {
+        None
+    };
+    ConfigError {
+        field,
+        ..ConfigError::new(message)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile, ConfigError> {
+    let cloud = match raw.cloud.as_deref().unwrap_or("alibaba") {
+        "alibaba" | "aliyun" => Cloud::Alibaba,
+        other => {
+            return Err(ConfigError::field(
+                "cloud",
+                format!("unknown cloud `{other}`; allowed: alibaba"),
+            ))
+        }
+    };
+    let emulator = raw.emulator.unwrap_or(false);
+    let emulator_rate = raw.emulator_rate.unwrap_or(5.0);
+    if !(emulator_rate > 0.0 && emulator_rate <= 100_000.0) {
+        return Err(ConfigError::field(
+            "emulator_rate",
+            format!("{emulator_rate} is out of range; allowed: more than 0, up to 100000 messages per second"),
+        ));
+    }
+
+    let non_empty = |field: &str, v: Option<String>| -> Result<Option<String>, ConfigError> {
+        match v {
+            Some(s) if s.trim().is_empty() => Err(ConfigError::field(field, "must not be empty")),
+            other => Ok(other),
+        }
+    };
+    let iot_instance_id = non_empty("iot_instance_id", raw.iot_instance_id)?;
+    let host = match (
+        non_empty("host", raw.host)?,
+        &iot_instance_id,
+        raw.uid,
+        raw.region,
+    ) {
+        (Some(h), _, _, _) => h,
+        _ if emulator => "localhost".to_string(),
+        (None, Some(id), _, _) => format!("{id}.amqp.iothub.aliyuncs.com"),
+        (None, None, Some(uid), Some(region)) => format!("{uid}.iot-amqp.{region}.aliyuncs.com"),
+        (None, None, Some(_), None) => {
+            return Err(ConfigError::field(
+                "region",
+                "is required with `uid` (for example cn-shanghai)",
+            ))
+        }
+        (None, None, None, _) => {
+            return Err(ConfigError::field(
+                "host",
+                "no endpoint: set `host`, or `iot_instance_id`, or `uid` and `region`",
+            ))
+        }
+    };
+    if host.contains([':', '/', ' ']) {
+        return Err(ConfigError::field(
+            "host",
+            format!("`{host}` is not a host name (no scheme, port or path; the port is `port`)"),
+        ));
+    }
+
+    let port = match raw.port {
+        None => DEFAULT_PORT,
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            return Err(ConfigError::field(
+                "port",
+                format!("{p} is out of range; allowed: 1 to 65535"),
+            ))
+        }
+    };
+
+    let template = raw
+        .client_id
+        .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string());
+    let client_id = expand_client_id(&template)?;
+    let len = client_id.chars().count();
+    if !(1..=64).contains(&len) || client_id.contains(['|', ',']) {
+        return Err(ConfigError::field(
+            "client_id",
+            format!(
+                "`{client_id}` has {len} characters; allowed: 1 to 64 characters without `|` or `,`"
+            ),
+        ));
+    }
+
+    let consumer_group_id = match non_empty("consumer_group_id", raw.consumer_group_id)? {
+        Some(g) => g,
+        None if emulator => "DEFAULT_GROUP".to_string(),
+        None => {
+            return Err(ConfigError::field(
+                "consumer_group_id",
+                "is required (for example DEFAULT_GROUP)",
+            ))
+        }
+    };
+    if consumer_group_id.contains(['|', ',', '=']) {
+        return Err(ConfigError::field(
+            "consumer_group_id",
+            "must not contain `|`, `,` or `=`",
+        ));
+    }
+
+    let auth_mode = match raw.auth_mode {
+        None => AuthMode::Aksign,
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| ConfigError::field("auth_mode", e))?,
+    };
+    let sign_method = match raw.sign_method {
+        None => SignMethod::Hmacsha1,
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| ConfigError::field("sign_method", e))?,
+    };
+
+    let idle_timeout = raw.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let (lo, hi) = IDLE_TIMEOUT_RANGE;
+    if idle_timeout < lo || idle_timeout > hi || idle_timeout.subsec_nanos() % 1_000_000 != 0 {
+        return Err(ConfigError::field(
+            "idle_timeout",
+            format!(
+                "{} is out of range; allowed: 30s to 300s in whole milliseconds (the cloud refuses other values)",
+                humantime::format_duration(idle_timeout)
+            ),
+        ));
+    }
+
+    let credit = match raw.credit {
+        None => DEFAULT_CREDIT,
+        Some(c) if (2..=i64::from(MAX_CREDIT)).contains(&c) => c as u32,
+        Some(c) => {
+            return Err(ConfigError::field(
+                "credit",
+                format!("{c} is out of range; allowed: 2 to {MAX_CREDIT}"),
+            ))
+        }
+    };
+    let source = non_empty("source", raw.source)?.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
+
+    let base_dir = file.and_then(Path::parent).map(Path::to_path_buf);
+    let relative = |p: PathBuf| match (&base_dir, p.is_relative()) {
+        (Some(dir), true) => dir.join(p),
+        _ => p,
+    };
+    let ca_file = raw.ca_file.map(relative);
+    let fix = |s: SecretSource| match s {
+        SecretSource::File(p) => SecretSource::File(relative(p)),
+        other => other,
+    };
+    let access_key_id = fix(raw
+        .access_key_id
+        .unwrap_or(SecretSource::Env(ENV_ACCESS_KEY_ID.into())));
+    let access_key_secret = fix(raw
+        .access_key_secret
+        .unwrap_or(SecretSource::Env(ENV_ACCESS_KEY_SECRET.into())));
+    let security_token = match (auth_mode, raw.security_token) {
+        (AuthMode::Ststoken, s) => Some(fix(
+            s.unwrap_or(SecretSource::Env(ENV_SECURITY_TOKEN.into()))
+        )),
+        (AuthMode::Aksign, Some(_)) => {
+            return Err(ConfigError::field(
+                "security_token",
+                "is only used with auth_mode = \"ststoken\"",
+            ))
+        }
+        (AuthMode::Aksign, None) => None,
+    };
+
+    let backoff_initial = raw.backoff_initial.unwrap_or(DEFAULT_BACKOFF_INITIAL);
+    let backoff_max = raw.backoff_max.unwrap_or(DEFAULT_BACKOFF_MAX);
+    if backoff_initial < Duration::from_millis(10) || backoff_initial > Duration::from_secs(3600) {
+        return Err(ConfigError::field(
+            "backoff_initial",
+            "is out of range; allowed: 10ms to 1h",
+        ));
+    }
+    if backoff_max < backoff_initial || backoff_max > Duration::from_secs(3600) {
+        return Err(ConfigError::field(
+            "backoff_max",
+            "is out of range; allowed: from backoff_initial to 1h",
+        ));
+    }
+
+    Ok(Profile {
+        name: name.to_string(),
+        file: file.map(Path::to_path_buf),
+        cloud,
+        emulator,
+        emulator_rate,
+        host,
+        port,
+        client_id,
+        consumer_group_id,
+        iot_instance_id,
+        auth_mode,
+        sign_method,
+        idle_timeout,
+        credit,
+        source,
+        ca_file,
+        access_key_id,
+        access_key_secret,
+        security_token,
+        backoff_initial,
+        backoff_max,
+    })
+}
+
+/// Expands `{hostname}` and `{pid}` in a client id template.
+fn expand_client_id(template: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').ok_or_else(|| {
+            ConfigError::field(
+                "client_id",
+                "unclosed `{`; templates are {hostname} and {pid}",
+            )
+        })?;
+        match &rest[start + 1..start + end] {
+            "hostname" => out.push_str(&gethostname::gethostname().to_string_lossy()),
+            "pid" => out.push_str(&std::process::id().to_string()),
+            other => {
+                return Err(ConfigError::field(
+                    "client_id",
+                    format!("unknown template `{{{other}}}`; allowed: {{hostname}}, {{pid}}"),
+                ))
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The built-in `demo` profile: an embedded emulator with simulated devices on loopback.
+pub fn demo_profile() -> Profile {
+    let text = include_str!("../config/demo.toml");
+    parse(text, DEMO_PROFILE, None).expect("the built-in demo profile is valid")
+}
+
+/// Warns when a secret is written in a config file that others can read.
+fn warn_if_inline_secrets_are_exposed(profile: &Profile, path: &Path) {
+    let inline = matches!(profile.access_key_secret, SecretSource::Inline(_))
+        || matches!(profile.security_token, Some(SecretSource::Inline(_)));
+    if !inline || profile.emulator {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the config file holds a secret and is readable by group or others; \
+                     run `chmod 600` on it, or move the secret to an environment variable or file"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Profile {
+        parse(&format!("[profiles.p]\n{body}"), "p", None).unwrap()
+    }
+
+    fn err(body: &str) -> ConfigError {
+        parse(
+            &format!("[profiles.p]\n{body}"),
+            "p",
+            Some(Path::new("/x/c.toml")),
+        )
+        .unwrap_err()
+    }
+
+    const MIN: &str = "host = \"h.example\"\nconsumer_group_id = \"G\"\n";
+
+    #[test]
+    fn defaults() {
+        let p = ok(MIN);
+        assert_eq!(p.port, 5671);
+        assert_eq!(p.idle_timeout, Duration::from_secs(60));
+        assert_eq!(p.credit, 200);
+        assert_eq!(p.auth_mode, AuthMode::Aksign);
+        assert_eq!(p.sign_method, SignMethod::Hmacsha1);
+        assert!(p.client_id.starts_with("iot-sub-"));
+        assert_eq!(
+            p.access_key_secret,
+            SecretSource::Env(ENV_ACCESS_KEY_SECRET.into())
+        );
+        assert!(p.security_token.is_none());
+    }
+
+    #[test]
+    fn host_from_instance_id_or_uid_and_region() {
+        let p = ok("iot_instance_id = \"iot-06z00ab\"\nconsumer_group_id = \"G\"");
+        assert_eq!(p.host, "iot-06z00ab.amqp.iothub.aliyuncs.com");
+        assert_eq!(p.iot_instance_id.as_deref(), Some("iot-06z00ab"));
+        let p = ok("uid = \"123\"\nregion = \"cn-shanghai\"\nconsumer_group_id = \"G\"");
+        assert_eq!(p.host, "123.iot-amqp.cn-shanghai.aliyuncs.com");
+        assert_eq!(
+            err("uid = \"123\"\nconsumer_group_id = \"G\"")
+                .field
+                .as_deref(),
+            Some("region")
+        );
+        assert_eq!(
+            err("consumer_group_id = \"G\"").field.as_deref(),
+            Some("host")
+        );
+    }
+
+    #[test]
+    fn errors_name_file_profile_field_and_range() {
+        let e = err(&format!("{MIN}idle_timeout = \"10s\""));
+        assert_eq!(e.field.as_deref(), Some("idle_timeout"));
+        let text = e.to_string();
+        assert!(
+            text.contains("/x/c.toml") && text.contains("profile `p`"),
+            "{text}"
+        );
+        assert!(text.contains("30s to 300s"), "{text}");
+
+        let e = err(&format!("{MIN}idle_timout = \"60s\""));
+        assert_eq!(e.field.as_deref(), Some("idle_timout"), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+
+        assert!(err(&format!("{MIN}port = 70000"))
+            .to_string()
+            .contains("1 to 65535"));
+        assert!(err(&format!("{MIN}credit = 0"))
+            .to_string()
+            .contains("2 to 5000"));
+        assert_eq!(
+            err(&format!("{MIN}sign_method = \"sha1\""))
+                .field
+                .as_deref(),
+            Some("sign_method")
+        );
+        assert_eq!(
+            err(&format!("{MIN}auth_mode = \"x\"")).field.as_deref(),
+            Some("auth_mode")
+        );
+        let long = "x".repeat(65);
+        assert_eq!(
+            err(&format!("{MIN}client_id = \"{long}\""))
+                .field
+                .as_deref(),
+            Some("client_id")
+        );
+        assert_eq!(
+            err(&format!("{MIN}client_id = \"{{nope}}\""))
+                .field
+                .as_deref(),
+            Some("client_id")
+        );
+        assert_eq!(
+            err(&format!("{MIN}idle_timeout = \"soon\""))
+                .field
+                .as_deref(),
+            Some("idle_timeout")
+        );
+        assert_eq!(
+            err(&format!("{MIN}security_token = \"t\""))
+                .field
+                .as_deref(),
+            Some("security_token")
+        );
+        assert_eq!(
+            err(&format!("{MIN}access_key_secret = {{ vault = \"x\" }}"))
+                .field
+                .as_deref(),
+            Some("access_key_secret")
+        );
+    }
+
+    #[test]
+    fn missing_profile_lists_the_known_ones() {
+        let e = parse("[profiles.a]\n[profiles.b]\n", "c", None).unwrap_err();
+        assert!(e.message.contains("a, b"), "{e}");
+        let e = parse("profiles = 3", "c", None).unwrap_err();
+        assert!(e.message.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn secret_sources_and_templates() {
+        let p = ok(&format!(
+            "{MIN}auth_mode = \"ststoken\"\naccess_key_id = \"LTAI\"\naccess_key_secret = {{ env = \"MY_S\" }}\n\
+             security_token = {{ file = \"tok\" }}\nclient_id = \"a-{{pid}}\""
+        ));
+        assert_eq!(p.access_key_id, SecretSource::Inline("LTAI".into()));
+        assert_eq!(p.access_key_secret, SecretSource::Env("MY_S".into()));
+        assert_eq!(p.security_token, Some(SecretSource::File("tok".into())));
+        assert_eq!(p.client_id, format!("a-{}", std::process::id()));
+        assert!(!format!("{:?}", SecretSource::Inline("s3cr3t".into())).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn demo_profile_is_valid() {
+        let p = demo_profile();
+        assert!(p.emulator);
+        assert_eq!(p.host, "localhost");
+    }
+}

@@ -1,0 +1,490 @@
+//! Turns one AMQP delivery into one JSON line: the stable output schema lives here.
+//!
+//! Schema (one object per line, keys always in this order):
+//! `{"topic":..,"messageId":..,"generateTime":..,"properties":{..},"bodyEncoding":..,"body":..}`
+//! - `messageId` is a string (an integer id on the wire is written in decimal), taken from the
+//!   application property `messageId`, else from the AMQP `properties.message-id`.
+//! - `generateTime` is integer milliseconds since the epoch, or `null` when absent.
+//! - `properties` holds every other application property.
+//! - `bodyEncoding` is `json` (body embedded as JSON), `text` (body is a UTF-8 string) or
+//!   `base64` (body is the base64 of the raw bytes).
+
+use std::fmt;
+
+use base64::Engine;
+use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Why a delivery was not turned into a line (it is then rejected, with this as the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// No `topic` application property.
+    MissingTopic,
+    /// Neither a `messageId` application property nor `properties.message-id`.
+    MissingMessageId,
+    /// A property has a type this schema cannot carry for that field.
+    BadField(&'static str, String),
+    /// The body is an AMQP sequence or a non-binary, non-string value.
+    UnsupportedBody(&'static str),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::MissingTopic => f.write_str("no `topic` application property"),
+            DecodeError::MissingMessageId => {
+                f.write_str("no `messageId` application property and no properties.message-id")
+            }
+            DecodeError::BadField(field, why) => write!(f, "field `{field}`: {why}"),
+            DecodeError::UnsupportedBody(kind) => write!(f, "unsupported body: {kind}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// How the body is written (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEncoding {
+    /// Valid JSON, embedded as a JSON value.
+    Json,
+    /// Valid UTF-8 that is not JSON, embedded as a string.
+    Text,
+    /// Anything else, base64 (standard alphabet, padded).
+    Base64,
+}
+
+impl BodyEncoding {
+    fn as_str(self) -> &'static str {
+        match self {
+            BodyEncoding::Json => "json",
+            BodyEncoding::Text => "text",
+            BodyEncoding::Base64 => "base64",
+        }
+    }
+}
+
+/// Appends the JSON line (with its `\n`) for `message` to `out`, or says why it cannot.
+///
+/// On error `out` is left as it was.
+pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    let props = message.application_properties.as_ref().map(|p| &p.0);
+    let get = |key: &str| props.and_then(|p| p.get(key));
+
+    let topic = match get("topic") {
+        Some(SimpleValue::String(s)) => s.as_str(),
+        Some(SimpleValue::Symbol(s)) => s.0.as_str(),
+        Some(other) => return Err(DecodeError::BadField("topic", type_name(other).into())),
+        None => return Err(DecodeError::MissingTopic),
+    };
+    let message_id = match get("messageId") {
+        Some(v) => id_text(v).ok_or_else(|| {
+            DecodeError::BadField("messageId", format!("{} is not an id", type_name(v)))
+        })?,
+        None => match message
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.as_ref())
+        {
+            Some(MessageId::String(s)) => s.clone(),
+            Some(MessageId::Ulong(n)) => n.to_string(),
+            Some(MessageId::Uuid(u)) => uuid_text(u.as_inner()),
+            Some(MessageId::Binary(b)) => base64::engine::general_purpose::STANDARD.encode(b),
+            None => return Err(DecodeError::MissingMessageId),
+        },
+    };
+    let generate_time = match get("generateTime") {
+        None | Some(SimpleValue::Null) => None,
+        Some(v) => Some(millis(v).ok_or_else(|| {
+            DecodeError::BadField(
+                "generateTime",
+                format!("{} is not milliseconds", type_name(v)),
+            )
+        })?),
+    };
+
+    let bytes = body_bytes(&message.body)?;
+    let (encoding, body) = classify_body(&bytes);
+
+    let line = Line {
+        topic,
+        message_id: &message_id,
+        generate_time,
+        properties: OtherProperties(props),
+        body_encoding: encoding.as_str(),
+        body,
+    };
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &line).is_err() {
+        // Writing to a Vec cannot fail for I/O; only a serializer error, which our types avoid.
+        out.truncate(start);
+        return Err(DecodeError::BadField(
+            "body",
+            "could not be serialized".into(),
+        ));
+    }
+    out.push(b'\n');
+    Ok(())
+}
+
+/// The body's bytes: Data sections concatenated; an amqp-value of binary or string taken as is.
+fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
+    use std::borrow::Cow;
+    match body {
+        Body::Data(batch) => {
+            if batch.len() == 1 {
+                Ok(Cow::Borrowed(batch[0].0.as_slice()))
+            } else {
+                Ok(Cow::Owned(
+                    batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
+                ))
+            }
+        }
+        Body::Value(v) => match &v.0 {
+            Value::Binary(b) => Ok(Cow::Borrowed(b.as_slice())),
+            Value::String(s) => Ok(Cow::Borrowed(s.as_bytes())),
+            _ => Err(DecodeError::UnsupportedBody(
+                "amqp-value that is not binary or string",
+            )),
+        },
+        Body::Sequence(_) => Err(DecodeError::UnsupportedBody("amqp-sequence")),
+        Body::Empty => Ok(Cow::Borrowed(&[])),
+    }
+}
+
+/// The body as it goes into the line.
+enum BodyOut<'a> {
+    Json(Box<RawValue>),
+    Text(&'a str),
+    Base64(String),
+}
+
+impl Serialize for BodyOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BodyOut::Json(raw) => raw.serialize(s),
+            BodyOut::Text(t) => s.serialize_str(t),
+            BodyOut::Base64(b) => s.serialize_str(b),
+        }
+    }
+}
+
+fn classify_body(bytes: &[u8]) -> (BodyEncoding, BodyOut<'_>) {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        return (BodyEncoding::Base64, BodyOut::Base64(b64));
+    };
+    if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
+        // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
+        // escape them), so replacing them by spaces keeps the value and keeps it on one line.
+        let raw = raw.get();
+        let one_line = if raw.contains(['\n', '\r']) {
+            RawValue::from_string(raw.replace(['\n', '\r'], " "))
+        } else {
+            RawValue::from_string(raw.to_string())
+        };
+        if let Ok(raw) = one_line {
+            return (BodyEncoding::Json, BodyOut::Json(raw));
+        }
+    }
+    (BodyEncoding::Text, BodyOut::Text(text))
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    topic: &'a str,
+    #[serde(rename = "messageId")]
+    message_id: &'a str,
+    #[serde(rename = "generateTime")]
+    generate_time: Option<i64>,
+    properties: OtherProperties<'a>,
+    #[serde(rename = "bodyEncoding")]
+    body_encoding: &'static str,
+    body: BodyOut<'a>,
+}
+
+/// The application properties other than the three schema fields.
+struct OtherProperties<'a>(
+    Option<&'a fe2o3_amqp::types::primitives::OrderedMap<String, SimpleValue>>,
+);
+
+const SCHEMA_KEYS: [&str; 3] = ["topic", "messageId", "generateTime"];
+
+impl Serialize for OtherProperties<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        if let Some(props) = self.0 {
+            for (k, v) in props.iter() {
+                if !SCHEMA_KEYS.contains(&k.as_str()) {
+                    map.serialize_entry(k, &JsonSimple(v))?;
+                }
+            }
+        }
+        map.end()
+    }
+}
+
+/// An application property value as JSON: numbers as numbers, binary as base64, timestamps as
+/// milliseconds, decimals and described values as `null` (they have no faithful JSON form).
+struct JsonSimple<'a>(&'a SimpleValue);
+
+impl Serialize for JsonSimple<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            SimpleValue::Null => s.serialize_none(),
+            SimpleValue::Bool(b) => s.serialize_bool(*b),
+            SimpleValue::Ubyte(n) => s.serialize_u8(*n),
+            SimpleValue::Ushort(n) => s.serialize_u16(*n),
+            SimpleValue::Uint(n) => s.serialize_u32(*n),
+            SimpleValue::Ulong(n) => s.serialize_u64(*n),
+            SimpleValue::Byte(n) => s.serialize_i8(*n),
+            SimpleValue::Short(n) => s.serialize_i16(*n),
+            SimpleValue::Int(n) => s.serialize_i32(*n),
+            SimpleValue::Long(n) => s.serialize_i64(*n),
+            SimpleValue::Float(f) => s.serialize_f32(f.into_inner()),
+            SimpleValue::Double(f) => s.serialize_f64(f.into_inner()),
+            SimpleValue::Char(c) => s.serialize_char(*c),
+            SimpleValue::Timestamp(t) => s.serialize_i64(t.milliseconds()),
+            SimpleValue::Uuid(u) => s.serialize_str(&uuid_text(u.as_inner())),
+            SimpleValue::Binary(b) => {
+                s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            SimpleValue::String(t) => s.serialize_str(t),
+            SimpleValue::Symbol(t) => s.serialize_str(&t.0),
+            SimpleValue::Decimal32(_)
+            | SimpleValue::Decimal64(_)
+            | SimpleValue::Decimal128(_)
+            | SimpleValue::Described(_) => s.serialize_none(),
+        }
+    }
+}
+
+fn id_text(v: &SimpleValue) -> Option<String> {
+    Some(match v {
+        SimpleValue::String(s) => s.clone(),
+        SimpleValue::Symbol(s) => s.0.clone(),
+        SimpleValue::Long(n) => n.to_string(),
+        SimpleValue::Ulong(n) => n.to_string(),
+        SimpleValue::Int(n) => n.to_string(),
+        SimpleValue::Uint(n) => n.to_string(),
+        SimpleValue::Uuid(u) => uuid_text(u.as_inner()),
+        _ => return None,
+    })
+}
+
+fn millis(v: &SimpleValue) -> Option<i64> {
+    match v {
+        SimpleValue::Long(n) => Some(*n),
+        SimpleValue::Ulong(n) => i64::try_from(*n).ok(),
+        SimpleValue::Int(n) => Some(i64::from(*n)),
+        SimpleValue::Uint(n) => Some(i64::from(*n)),
+        SimpleValue::Timestamp(t) => Some(t.milliseconds()),
+        SimpleValue::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn uuid_text(b: &[u8; 16]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn type_name(v: &SimpleValue) -> &'static str {
+    match v {
+        SimpleValue::Null => "null",
+        SimpleValue::Bool(_) => "boolean",
+        SimpleValue::Binary(_) => "binary",
+        SimpleValue::String(_) | SimpleValue::Symbol(_) | SimpleValue::Char(_) => "string",
+        SimpleValue::Float(_) | SimpleValue::Double(_) => "floating-point number",
+        SimpleValue::Decimal32(_) | SimpleValue::Decimal64(_) | SimpleValue::Decimal128(_) => {
+            "decimal"
+        }
+        SimpleValue::Timestamp(_) => "timestamp",
+        SimpleValue::Uuid(_) => "uuid",
+        SimpleValue::Described(_) => "described value",
+        _ => "integer",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Data, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+
+    fn message(props: Vec<(&str, SimpleValue)>, body: Body<Value>) -> Message<Body<Value>> {
+        let mut ap = ApplicationProperties::builder();
+        for (k, v) in props {
+            ap = ap.insert(k, v);
+        }
+        Message::builder()
+            .application_properties(ap.build())
+            .body(body)
+            .build()
+    }
+
+    fn data(bytes: &[u8]) -> Body<Value> {
+        Body::Data(vec![Data(Binary::from(bytes.to_vec()))].into())
+    }
+
+    fn line(m: &Message<Body<Value>>) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_line(m, &mut out).unwrap();
+        assert_eq!(out.last(), Some(&b'\n'));
+        assert_eq!(
+            out.iter().filter(|b| **b == b'\n').count(),
+            1,
+            "exactly one line"
+        );
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn base() -> Vec<(&'static str, SimpleValue)> {
+        vec![
+            (
+                "topic",
+                SimpleValue::String("/a1/dev1/thing/event/property/post".into()),
+            ),
+            (
+                "messageId",
+                SimpleValue::String("1765432109876543210".into()),
+            ),
+            ("generateTime", SimpleValue::Long(1714528800123)),
+        ]
+    }
+
+    #[test]
+    fn json_body_is_embedded_and_schema_is_stable() {
+        let m = message(base(), data(br#"{"items":{"Power":{"value":"on"}}}"#));
+        let mut out = Vec::new();
+        write_line(&m, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"topic\":\"/a1/dev1/thing/event/property/post\",\"messageId\":\"1765432109876543210\",\
+             \"generateTime\":1714528800123,\"properties\":{},\"bodyEncoding\":\"json\",\
+             \"body\":{\"items\":{\"Power\":{\"value\":\"on\"}}}}\n"
+        );
+    }
+
+    #[test]
+    fn multi_line_json_body_stays_on_one_line() {
+        let m = message(
+            base(),
+            data(b"{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1,\n2]\n}\n"),
+        );
+        let v = line(&m);
+        assert_eq!(v["bodyEncoding"], "json");
+        assert_eq!(v["body"]["a"], "x\ny");
+        assert_eq!(v["body"]["b"][1], 2);
+    }
+
+    #[test]
+    fn text_and_binary_bodies() {
+        let v = line(&message(base(), data("temp=21.5 °C\n".as_bytes())));
+        assert_eq!(v["bodyEncoding"], "text");
+        assert_eq!(v["body"], "temp=21.5 °C\n");
+
+        let raw = [0u8, 159, 146, 150, 0, 1];
+        let v = line(&message(base(), data(&raw)));
+        assert_eq!(v["bodyEncoding"], "base64");
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(v["body"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(back, raw);
+
+        let v = line(&message(base(), Body::Empty));
+        assert_eq!(v["bodyEncoding"], "text");
+        assert_eq!(v["body"], "");
+    }
+
+    #[test]
+    fn amqp_value_bodies_and_many_data_sections() {
+        let v = line(&message(
+            base(),
+            Body::Value(AmqpValue(Value::String("hi".into()))),
+        ));
+        assert_eq!(v["body"], "hi");
+        let two = Body::Data(
+            vec![
+                Data(Binary::from(b"[1,".to_vec())),
+                Data(Binary::from(b"2]".to_vec())),
+            ]
+            .into(),
+        );
+        let v = line(&message(base(), two));
+        assert_eq!(v["body"], serde_json::json!([1, 2]));
+        let mut out = Vec::new();
+        let err = write_line(
+            &message(base(), Body::Value(AmqpValue(Value::Int(3)))),
+            &mut out,
+        );
+        assert!(matches!(err, Err(DecodeError::UnsupportedBody(_))));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn other_properties_and_id_types() {
+        let mut p = base();
+        p[1] = ("messageId", SimpleValue::Long(42));
+        p[2] = ("generateTime", SimpleValue::String("1714528800123".into()));
+        p.push(("qos", SimpleValue::Int(1)));
+        p.push(("tag", SimpleValue::String("a\"b".into())));
+        p.push(("raw", SimpleValue::Binary(vec![1u8, 2].into())));
+        let v = line(&message(p, data(b"1")));
+        assert_eq!(v["messageId"], "42");
+        assert_eq!(v["generateTime"], 1714528800123i64);
+        assert_eq!(
+            v["properties"],
+            serde_json::json!({"qos":1,"tag":"a\"b","raw":"AQI="})
+        );
+    }
+
+    #[test]
+    fn message_id_falls_back_to_properties_section() {
+        let props: Vec<_> = base()
+            .into_iter()
+            .filter(|(k, _)| *k != "messageId")
+            .collect();
+        let mut m = message(props, data(b"{}"));
+        let mut out = Vec::new();
+        assert_eq!(write_line(&m, &mut out), Err(DecodeError::MissingMessageId));
+        m.properties = Some(Properties {
+            message_id: Some(MessageId::String("p-1".into())),
+            ..Default::default()
+        });
+        assert_eq!(line(&m)["messageId"], "p-1");
+    }
+
+    #[test]
+    fn missing_or_bad_fields_are_errors() {
+        let mut out = Vec::new();
+        let no_topic: Vec<_> = base().into_iter().filter(|(k, _)| *k != "topic").collect();
+        assert_eq!(
+            write_line(&message(no_topic, data(b"1")), &mut out),
+            Err(DecodeError::MissingTopic)
+        );
+        let mut p = base();
+        p[2] = ("generateTime", SimpleValue::Bool(true));
+        assert!(matches!(
+            write_line(&message(p, data(b"1")), &mut out),
+            Err(DecodeError::BadField("generateTime", _))
+        ));
+        let mut p = base();
+        p[2] = ("generateTime", SimpleValue::Null);
+        assert_eq!(
+            line(&message(p, data(b"1")))["generateTime"],
+            serde_json::Value::Null
+        );
+        assert!(out.is_empty());
+    }
+}

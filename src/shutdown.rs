@@ -1,0 +1,24 @@
+//! SIGINT/SIGTERM → one cancellation token; a second signal exits at once.
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a second signal (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Cancels `token` on the first SIGINT or SIGTERM; exits the process on the second.
+pub fn install(token: CancellationToken) -> std::io::Result<()> {
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tracing::info!(
+            "stopping: finishing the messages already written (a second signal exits at once)"
+        );
+        token.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tracing::warn!("second signal: exiting now; unaccepted messages will be redelivered");
+        std::process::exit(EXIT_INTERRUPTED);
+    });
+    Ok(())
+}
