@@ -3,9 +3,6 @@
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// Exit status for a second signal (128 + SIGINT, as shells report it).
-pub const EXIT_INTERRUPTED: i32 = 130;
-
 /// Cancels `token` on the first SIGINT or SIGTERM; exits the process on the second.
 pub fn install(token: CancellationToken) -> std::io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
@@ -18,7 +15,7 @@ pub fn install(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         tracing::warn!("second signal: exiting now; unaccepted messages will be redelivered");
-        std::process::exit(EXIT_INTERRUPTED);
+        std::process::exit(i32::from(crate::exit::INTERRUPTED));
     });
     Ok(())
 }

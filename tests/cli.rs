@@ -1,0 +1,186 @@
+//! The binary's command line: config errors (exit 78, one clear message), the built-in demo,
+//! and the dependency rule that keeps aws-lc-rs out of the build.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::Client;
+
+/// Runs `listen` with `profile_body` as profile `p`; returns (exit code, stderr).
+fn listen_with(profile_body: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, format!("[profiles.p]\n{profile_body}\n")).unwrap();
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["listen", "--profile", "p", "--config"])
+        .arg(&path);
+    cmd.env_remove("ALIBABA_CLOUD_ACCESS_KEY_ID")
+        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.stdout.is_empty(), "stdout carries data only");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(path.to_str().unwrap()),
+        "names the file: {stderr}"
+    );
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+const BASE: &str = "host = \"iot-x.amqp.iothub.aliyuncs.com\"\nconsumer_group_id = \"G\"\n";
+
+#[test]
+fn each_bad_field_gets_its_message_and_exit_78() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("idle_timeout = \"10s\"", "idle_timeout", "30s to 300s"),
+        ("idle_timeout = \"301s\"", "idle_timeout", "30s to 300s"),
+        ("idle_timeout = \"a while\"", "idle_timeout", "invalid"),
+        ("port = 0", "port", "1 to 65535"),
+        ("credit = 100000", "credit", "2 to 5000"),
+        (
+            "sign_method = \"hmacsha512\"",
+            "sign_method",
+            "hmacmd5 | hmacsha1 | hmacsha256",
+        ),
+        ("auth_mode = \"password\"", "auth_mode", "aksign | ststoken"),
+        (
+            "client_id = \"{nodename}\"",
+            "client_id",
+            "{hostname}, {pid}",
+        ),
+        ("client_id = \"a|b\"", "client_id", "1 to 64 characters"),
+        (
+            "consumer_gruop_id = \"G\"",
+            "consumer_gruop_id",
+            "unknown field",
+        ),
+        ("host = \"amqps://x:5671\"", "host", "not a host name"),
+        ("security_token = \"t\"", "security_token", "ststoken"),
+        (
+            "access_key_secret = { vault = \"k\" }",
+            "access_key_secret",
+            "`env` or `file`",
+        ),
+        ("backoff_max = \"2h\"", "backoff_max", "1h"),
+    ];
+    for (line, field, allowed) in cases {
+        // A later key replaces nothing in TOML, so BASE keys are only given when not under test.
+        let body = if line.starts_with("host") {
+            format!("consumer_group_id = \"G\"\n{line}")
+        } else {
+            format!("{BASE}{line}")
+        };
+        let (code, stderr) = listen_with(
+            &body,
+            &[
+                ("ALIBABA_CLOUD_ACCESS_KEY_ID", "id"),
+                ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "s"),
+            ],
+        );
+        assert_eq!(code, 78, "{line}: {stderr}");
+        assert!(
+            stderr.contains(&format!("field `{field}`")),
+            "{line}: {stderr}"
+        );
+        assert!(stderr.contains(allowed), "{line}: {stderr}");
+        assert!(stderr.contains("profile `p`"), "{line}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+#[test]
+fn missing_endpoint_group_and_credentials_are_config_errors() {
+    let (code, stderr) = listen_with("consumer_group_id = \"G\"", &[]);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("field `host`"), "{stderr}");
+
+    let (code, stderr) = listen_with("host = \"h\"", &[]);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("field `consumer_group_id`"), "{stderr}");
+
+    let (code, stderr) = listen_with(BASE, &[("ALIBABA_CLOUD_ACCESS_KEY_ID", "id")]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("field `access_key_secret`")
+            && stderr.contains("ALIBABA_CLOUD_ACCESS_KEY_SECRET is not set"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = listen_with(
+        &format!("{BASE}ca_file = \"/nonexistent/ca.pem\""),
+        &[
+            ("ALIBABA_CLOUD_ACCESS_KEY_ID", "id"),
+            ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "s"),
+        ],
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("field `ca_file`"), "{stderr}");
+}
+
+#[test]
+fn unknown_profile_and_missing_file_are_config_errors() {
+    let (code, stderr) = listen_with(BASE, &[]);
+    assert_eq!(code, 78, "{stderr}"); // no credentials in env
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, format!("[profiles.prod]\n{BASE}")).unwrap();
+    let out = Command::new(common::bin())
+        .args(["listen", "--profile", "staging", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no profile `staging`") && stderr.contains("prod"),
+        "{stderr}"
+    );
+
+    let out = Command::new(common::bin())
+        .args([
+            "listen",
+            "--profile",
+            "x",
+            "--config",
+            "/nonexistent/iot-sub.toml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/iot-sub.toml"));
+}
+
+#[test]
+fn demo_profile_works_with_no_config_file() {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["listen", "--profile", "demo", "--count", "3"])
+        .env_remove("IOT_SUB_CONFIG")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path());
+    let mut client = Client::spawn(cmd);
+    let lines = client.read_lines(3, Duration::from_secs(20));
+    for line in &lines {
+        assert!(line["topic"].as_str().unwrap().starts_with('/'), "{line}");
+        assert!(line["messageId"].is_string());
+        assert!(line["generateTime"].is_i64());
+    }
+    let status = client.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", client.stderr());
+}
+
+#[test]
+fn the_build_has_no_aws_lc_rs() {
+    // TLS is rustls on ring; fe2o3-amqp's own rustls feature would pull in aws-lc-rs.
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+    assert!(
+        lock.contains("name = \"rustls\""),
+        "the lock file lists packages"
+    );
+    assert!(!lock.contains("name = \"aws-lc-rs\"") && !lock.contains("name = \"aws-lc-sys\""));
+}
