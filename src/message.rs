@@ -6,8 +6,8 @@
 //!   application property `messageId`, else from the AMQP `properties.message-id`.
 //! - `generateTime` is integer milliseconds since the epoch, or `null` when absent.
 //! - `properties` holds every other application property.
-//! - `bodyEncoding` is `json` (body embedded as JSON), `text` (body is a UTF-8 string) or
-//!   `base64` (body is the base64 of the raw bytes).
+//! - `bodyEncoding` is `json` (body embedded as JSON), `text` (body is a string: the bytes are
+//!   UTF-8 with no control characters but tab, CR and LF) or `base64` (the raw bytes, base64).
 
 use std::fmt;
 
@@ -172,10 +172,20 @@ impl Serialize for BodyOut<'_> {
     }
 }
 
+/// Binary data that happens to be valid UTF-8 (NUL, other C0 controls, DEL) is not text.
+fn is_text(text: &str) -> bool {
+    !text
+        .bytes()
+        .any(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f)
+}
+
 fn classify_body(bytes: &[u8]) -> (BodyEncoding, BodyOut<'_>) {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-        return (BodyEncoding::Base64, BodyOut::Base64(b64));
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) if is_text(text) => text,
+        _ => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            return (BodyEncoding::Base64, BodyOut::Base64(b64));
+        }
     };
     if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
         // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
@@ -393,6 +403,11 @@ mod tests {
         let v = line(&message(base(), data("temp=21.5 °C\n".as_bytes())));
         assert_eq!(v["bodyEncoding"], "text");
         assert_eq!(v["body"], "temp=21.5 °C\n");
+
+        // Valid UTF-8, but control bytes: binary, not text.
+        let v = line(&message(base(), data(&[0u8, 1, 2])));
+        assert_eq!(v["bodyEncoding"], "base64");
+        assert_eq!(v["body"], "AAEC");
 
         let raw = [0u8, 159, 146, 150, 0, 1];
         let v = line(&message(base(), data(&raw)));

@@ -184,3 +184,78 @@ fn the_build_has_no_aws_lc_rs() {
     );
     assert!(!lock.contains("name = \"aws-lc-rs\"") && !lock.contains("name = \"aws-lc-sys\""));
 }
+
+#[test]
+fn standalone_emulator_serves_messages_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = dir.path().join("feed.jsonl");
+    std::fs::write(
+        &feed,
+        "{\"topic\":\"/a1F/d1/user/up\",\"messageId\":\"f-1\",\"generateTime\":1700000000001,\"body\":{\"t\":1}}\n\
+         {\"topic\":\"/a1F/d1/user/raw\",\"messageId\":\"f-2\",\"bodyBase64\":\"AAEC\"}\n\
+         {\"topic\":\"/a1F/d1/user/text\",\"messageId\":\"f-3\",\"body\":\"hello\"}\n",
+    )
+    .unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut emulate = Command::new(common::bin());
+    emulate
+        .args([
+            "emulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate",
+            "0",
+            "--ca-out",
+        ])
+        .arg(&ca)
+        .arg("--from-file")
+        .arg(&feed)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "file-id")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "file-secret");
+    let server = Client::spawn(emulate);
+    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
+    let log = server.stderr();
+    let port: u16 = log
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("port in {log}"));
+
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
+             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"file-id\"\n"
+        ),
+    )
+    .unwrap();
+    let mut listen = Command::new(common::bin());
+    listen
+        .args(["listen", "--profile", "t", "--count", "3", "--config"])
+        .arg(&config)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "file-secret");
+    let mut client = Client::spawn(listen);
+    let lines = client.read_lines(3, Duration::from_secs(20));
+    assert!(client.wait(Duration::from_secs(20)).success());
+    let mut got: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["messageId"].as_str().unwrap().into(),
+                l["bodyEncoding"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("f-1".into(), "json".into()),
+            ("f-2".into(), "base64".into()),
+            ("f-3".into(), "text".into())
+        ]
+    );
+    server.signal("INT");
+}

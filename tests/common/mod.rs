@@ -252,3 +252,63 @@ pub fn ids(lines: &[serde_json::Value]) -> Vec<String> {
         })
         .collect()
 }
+
+/// A TCP proxy in front of the emulator that can make the live connections go silent: bytes
+/// are read and dropped in both directions, the sockets stay open, nothing is closed. New
+/// connections after a freeze are forwarded normally.
+pub struct FreezingProxy {
+    pub port: u16,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezingProxy {
+    pub fn start(upstream: std::net::SocketAddr) -> FreezingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let current = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let current = current.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Write;
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if current.load(Ordering::SeqCst) != born {
+                                continue; // frozen: swallow
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        // Keep the other side open while frozen: a silent peer sends no FIN.
+                        if current.load(Ordering::SeqCst) == born {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
+                    });
+                }
+            }
+        });
+        FreezingProxy { port, generation }
+    }
+
+    /// Makes every connection open now go silent.
+    pub fn freeze_existing(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
