@@ -259,3 +259,133 @@ fn standalone_emulator_serves_messages_from_a_file() {
     );
     server.signal("INT");
 }
+
+#[test]
+fn emulate_drops_connections_on_sigusr1_and_the_client_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut emulate = Command::new(common::bin());
+    emulate
+        .args([
+            "emulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate",
+            "50",
+            "--ca-out",
+        ])
+        .arg(&ca)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "sig-id")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
+    let server = Client::spawn(emulate);
+    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
+    let log = server.stderr();
+    let port = log
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
+             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"sig-id\"\nbackoff_initial = \"50ms\"\n"
+        ),
+    )
+    .unwrap();
+    let mut listen = Command::new(common::bin());
+    listen
+        .args(["listen", "--profile", "t", "--config"])
+        .arg(&config)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
+    let mut client = Client::spawn(listen);
+    client.read_lines(5, Duration::from_secs(20));
+    server.signal("USR1");
+    client.wait_stderr("9602", 1, Duration::from_secs(20));
+    client.wait_stderr("receiver link attached", 2, Duration::from_secs(20));
+    client.read_lines(5, Duration::from_secs(20));
+    client.signal("TERM");
+    assert!(client.wait(Duration::from_secs(20)).success());
+    server.signal("INT");
+}
+
+#[test]
+fn a_second_signal_exits_at_once_with_130() {
+    // stdout is a pipe nobody reads: the first SIGTERM waits for the batch being written;
+    // the second must not.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut emulate = Command::new(common::bin());
+    emulate
+        .args([
+            "emulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate",
+            "5000",
+            "--ca-out",
+        ])
+        .arg(&ca)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "sig-id")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
+    let server = Client::spawn(emulate);
+    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
+    let log = server.stderr();
+    let port = log
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
+             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"sig-id\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(common::bin())
+        .args(["listen", "--profile", "t", "--config"])
+        .arg(&config)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let the pipe fill up (64 KiB at ~300 bytes a line).
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    kill("-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still finishing the stalled write"
+    );
+    let sent = std::time::Instant::now();
+    kill("-TERM");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "did not exit at once"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(130));
+    server.signal("INT");
+}

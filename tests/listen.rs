@@ -544,3 +544,34 @@ async fn a_silent_server_is_detected_by_the_idle_timeout_and_replaced() {
     client.signal("TERM");
     assert!(client.wait(T).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_deliveries_are_rejected_and_credit_never_stalls() {
+    let world = World::start().await;
+    // generateTime must be milliseconds; a boolean cannot be written in the schema.
+    let poison = |i: usize| DeviceMessage {
+        extra_properties: vec![("generateTime".into(), ExtraValue::Bool(true))],
+        ..json_message(10_000 + i)
+    };
+    for i in 0..20 {
+        world.emulator.publish(poison(i));
+        world.emulator.publish(json_message(i));
+    }
+    // Credit 4: if rejections did not settle, the link would stall after four poison messages.
+    let profile = world.profile("credit = 4");
+    let mut client = Client::listen(&profile, &["--count", "20"]);
+    let lines = client.read_lines(20, T);
+    assert!(client.wait(T).success(), "{}", client.stderr());
+    let want: HashSet<String> = (0..20).map(|i| json_message(i).message_id).collect();
+    assert_eq!(ids(&lines).into_iter().collect::<HashSet<_>>(), want);
+    assert!(
+        world.emulator.stats().rejected >= 20,
+        "{:?}",
+        world.emulator.stats()
+    );
+    let stderr = client.stderr();
+    assert!(
+        stderr.contains("rejecting a delivery") && stderr.contains("generateTime"),
+        "{stderr}"
+    );
+}

@@ -37,6 +37,32 @@ pub struct StandaloneOptions {
     pub count: Option<u64>,
 }
 
+/// Fault injection from the shell: SIGUSR1 closes every live connection the way Aliyun does
+/// for maintenance (9602), SIGUSR2 resets them without a Close frame.
+async fn drop_on_signals(emulator: &Emulator, shutdown: &CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut usr1), Ok(mut usr2)) = (
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::warn!("cannot listen for SIGUSR1/SIGUSR2; dropping connections on signal is off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: closing every connection (9602)");
+                emulator.drop_connections(super::Drop::ServerClose);
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: resetting every connection");
+                emulator.drop_connections(super::Drop::TcpReset);
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Runs until `shutdown` fires, then closes every connection.
 pub async fn run_standalone(
     opts: StandaloneOptions,
@@ -73,8 +99,11 @@ pub async fn run_standalone(
         tracing::info!(messages = loaded, "published the messages from the file");
     }
 
-    generate(&emulator, &opts, &shutdown).await;
-    shutdown.cancelled().await;
+    let run = async {
+        generate(&emulator, &opts, &shutdown).await;
+        shutdown.cancelled().await;
+    };
+    tokio::join!(run, drop_on_signals(&emulator, &shutdown));
     let s = emulator.stats();
     tracing::info!(
         accepted = s.accepted,
