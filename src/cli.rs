@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::format::Format;
+use crate::message::BodyMode;
+use crate::topic::TopicFilter;
+
 /// Receive IoT device messages from a cloud server-side subscription (AMQP 1.0) as JSON lines.
 #[derive(Debug, Parser)]
 #[command(name = "iot-sub", version, about, long_about = None)]
@@ -20,13 +24,15 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Subscribe with a profile and write each message as one JSON line to stdout.
     Listen(ListenArgs),
     /// Run a local emulator of the Alibaba Cloud IoT AMQP endpoint (no cloud account needed).
     #[cfg(feature = "emulator")]
-    Emulate(Box<EmulateArgs>),
+    Emulate(EmulateArgs),
 }
 
 /// `iot-sub listen`.
@@ -41,8 +47,100 @@ pub struct ListenArgs {
     pub config: Option<PathBuf>,
 
     /// Exit 0 once N messages are written and accepted.
-    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Stopping")]
     pub count: Option<u64>,
+
+    /// Exit when no message has arrived for this long (e.g. 30s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, help_heading = "Stopping")]
+    pub idle_exit: Option<Duration>,
+
+    /// Exit after running this long (e.g. 10m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, help_heading = "Stopping")]
+    pub duration: Option<Duration>,
+
+    /// Output format: json (one object per line), pretty (readable blocks), or a one-line
+    /// template with the JSON field names, e.g. '{topic} {deviceName} {body}'.
+    #[arg(
+        short,
+        long,
+        default_value = "json",
+        value_name = "FORMAT",
+        help_heading = "Output"
+    )]
+    pub format: Format,
+
+    /// Body encoding: auto (JSON, else text, else base64), json, text, base64.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "MODE",
+        help_heading = "Output"
+    )]
+    pub body: BodyMode,
+
+    /// Only messages whose topic matches (MQTT wildcards + and #); repeatable.
+    #[arg(short, long = "topic", value_name = "FILTER", value_parser = TopicFilter::new, help_heading = "Output")]
+    pub topics: Vec<TopicFilter>,
+
+    /// Drop messages whose topic matches (they are still accepted); repeatable.
+    #[arg(long = "exclude-topic", value_name = "FILTER", value_parser = TopicFilter::new, help_heading = "Output")]
+    pub exclude_topics: Vec<TopicFilter>,
+
+    /// Write every message, even one whose messageId was just written (no duplicate suppression).
+    #[arg(long, help_heading = "Duplicates and order")]
+    pub no_dedup: bool,
+
+    /// How many recent messageIds duplicate suppression remembers.
+    #[arg(long, default_value_t = crate::dedup::DEFAULT_SIZE, value_name = "N", value_parser = clap::value_parser!(usize), help_heading = "Duplicates and order")]
+    pub dedup_size: usize,
+
+    /// How long duplicate suppression remembers a messageId.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration, help_heading = "Duplicates and order")]
+    pub dedup_age: Duration,
+
+    /// Hold messages up to this long (at most 20s) and write them in generateTime order.
+    #[arg(long, value_name = "DURATION", value_parser = parse_reorder_window, help_heading = "Duplicates and order")]
+    pub reorder_window: Option<Duration>,
+
+    /// Pipe the output into one long-lived `sh -c CMD` (restarted with backoff if it dies).
+    #[arg(
+        long,
+        value_name = "CMD",
+        conflicts_with = "exec_each",
+        help_heading = "Commands"
+    )]
+    pub exec: Option<String>,
+
+    /// Run `sh -c CMD` once per message: body on stdin, IOT_SUB_TOPIC, IOT_SUB_MESSAGE_ID,
+    /// IOT_SUB_GENERATE_TIME, IOT_SUB_PRODUCT_KEY, IOT_SUB_DEVICE_NAME in the environment;
+    /// accepted when it exits 0, released for redelivery otherwise.
+    #[arg(long, value_name = "CMD", conflicts_with_all = ["format", "reorder_window"], help_heading = "Commands")]
+    pub exec_each: Option<String>,
+
+    /// How many --exec-each commands may run at once.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = parse_jobs, requires = "exec_each", help_heading = "Commands")]
+    pub jobs: usize,
+
+    /// An --exec-each command running longer is killed and its message released.
+    #[arg(long, default_value = "20s", value_name = "DURATION", value_parser = humantime::parse_duration, requires = "exec_each", help_heading = "Commands")]
+    pub exec_timeout: Duration,
+}
+
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err("allowed: 1 to 256".into()),
+    }
+}
+
+/// The reorder window must stay well inside the cloud's 30 s ack timeout: held messages are
+/// not accepted yet.
+fn parse_reorder_window(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(20) {
+        return Err("allowed: more than 0 and at most 20s (held messages are not accepted yet, and the cloud redelivers after 30s)".into());
+    }
+    Ok(d)
 }
 
 /// How the emulator refuses a bad login (the real service's form is undocumented).

@@ -21,6 +21,8 @@ pub const IDLE_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(300));
 /// Default link credit: the samples use 20 to 1000; 200 keeps ack latency low under backlog.
 pub const DEFAULT_CREDIT: u32 = 200;
+/// Most connections per profile: a consumer group takes at most 64 clients at once.
+pub const MAX_CONNECTIONS: u32 = 64;
 /// Largest credit accepted (beyond it, deliveries age past the cloud's 30 s ack timeout).
 pub const MAX_CREDIT: u32 = 5000;
 /// Default receiver source address (the cloud ignores it; the Java sample uses "default").
@@ -177,6 +179,7 @@ struct RawProfile {
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     credit: Option<i64>,
+    connections: Option<i64>,
     source: Option<String>,
     ca_file: Option<PathBuf>,
     access_key_id: Option<SecretSource>,
@@ -233,6 +236,8 @@ pub struct Profile {
     pub idle_timeout: Duration,
     /// Link credit.
     pub credit: u32,
+    /// Parallel connections (each with client id `<client_id>-<i>` when more than one).
+    pub connections: u32,
     /// Receiver source address.
     pub source: String,
     /// Extra trust root (PEM), added to the system roots.
@@ -481,6 +486,25 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
             ))
         }
     };
+    let connections = match raw.connections {
+        None => 1,
+        Some(n) if (1..=i64::from(MAX_CONNECTIONS)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::field(
+                "connections",
+                format!("{n} is out of range; allowed: 1 to {MAX_CONNECTIONS} (the consumer group's client limit)"),
+            ))
+        }
+    };
+    if connections > 1 {
+        let suffixed = format!("{client_id}-{connections}");
+        if suffixed.chars().count() > 64 {
+            return Err(ConfigError::field(
+                "client_id",
+                format!("`{suffixed}` (with the connection number) is longer than 64 characters"),
+            ));
+        }
+    }
     let source = non_empty("source", raw.source)?.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
 
     let base_dir = file.and_then(Path::parent).map(Path::to_path_buf);
@@ -542,6 +566,7 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         sign_method,
         idle_timeout,
         credit,
+        connections,
         source,
         ca_file,
         access_key_id,
@@ -635,6 +660,7 @@ mod tests {
         assert_eq!(p.port, 5671);
         assert_eq!(p.idle_timeout, Duration::from_secs(60));
         assert_eq!(p.credit, 200);
+        assert_eq!(p.connections, 1);
         assert_eq!(p.auth_mode, AuthMode::Aksign);
         assert_eq!(p.sign_method, SignMethod::Hmacsha1);
         assert!(p.client_id.starts_with("iot-sub-"));

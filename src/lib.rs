@@ -8,12 +8,14 @@
 //! - [`secret`]: the `Secret` type that never prints itself.
 //! - [`cloud`]: per-cloud signing of the SASL username and password (Alibaba today).
 //! - [`transport`]: one connection attempt (TCP, TLS, SASL, Open, Begin, Attach) with deadlines.
-//! - [`receive`]: the receive loop: deliveries → lines → output → accept.
-//! - [`message`]: one delivery → one JSON line (the output schema).
-//! - [`output`]: the shared, flushed output.
+//! - [`receive`]: per connection: deliveries → decode → filter → render → sink; acks back.
+//! - [`message`]: one delivery → its fields and the JSON line (the output schema).
+//! - [`format`]: `--format` (json, pretty, templates); [`topic`]: filters and device names.
+//! - [`sink`]: the one task all connections feed: dedup ([`dedup`]), reorder ([`reorder`]),
+//!   `--count`/`--idle-exit`, stdout or `--exec`, `--exec-each`; accepts after output.
 //! - [`supervisor`]: reconnect with backoff, re-signing every attempt.
 //! - [`listen`]: `iot-sub listen`, wiring the above together.
-//! - [`shutdown`]: signals; [`exit`]: exit statuses.
+//! - [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
 //! - [`emulator`], [`emulate`]: a local stand-in for the cloud endpoint (feature `emulator`).
 
 #![forbid(unsafe_code)]
@@ -22,16 +24,22 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod credentials;
+pub mod dedup;
 #[cfg(feature = "emulator")]
 pub mod emulate;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod exit;
+pub mod format;
 pub mod listen;
 pub mod message;
-pub mod output;
 pub mod receive;
+pub mod reorder;
 pub mod secret;
 pub mod shutdown;
+pub mod sink;
+pub mod stop;
 pub mod supervisor;
+pub mod time;
+pub mod topic;
 pub mod transport;

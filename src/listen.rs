@@ -1,32 +1,66 @@
-//! `iot-sub listen`: turns a profile into a supervised subscription writing to an output.
+//! `iot-sub listen`: turns a profile and the command line into N supervised connections
+//! feeding one sink.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, Profile};
 use crate::credentials;
-use crate::output::Output;
-use crate::receive::{Budget, Counters, PumpContext, Stop};
-use crate::supervisor::{self, End};
+use crate::dedup::Keyer;
+use crate::format::Format;
+use crate::message::BodyMode;
+use crate::receive::{PumpContext, Render};
+use crate::sink::writer::{ExecChild, Writer};
+use crate::sink::{self, Counters, SinkOptions, Target, CHANNEL_BATCHES};
+use crate::stop::{StopReason, Stopper};
+use crate::supervisor;
+use crate::topic::TopicFilters;
 use crate::transport::{tls, Endpoint};
 
-/// Options from the command line.
-#[derive(Debug, Clone, Default)]
+/// What the command line asks for.
+#[derive(Debug, Clone)]
 pub struct ListenOptions {
     /// `--count`.
     pub count: Option<u64>,
+    /// `--idle-exit`.
+    pub idle_exit: Option<Duration>,
+    /// `--duration`.
+    pub duration: Option<Duration>,
+    /// `--format`.
+    pub format: Format,
+    /// `--body`.
+    pub body: BodyMode,
+    /// `--topic`, `--exclude-topic`.
+    pub filters: TopicFilters,
+    /// `None` with `--no-dedup`, else (size, age).
+    pub dedup: Option<(usize, Duration)>,
+    /// `--reorder-window`.
+    pub reorder: Option<Duration>,
+    /// `--exec`.
+    pub exec: Option<String>,
+    /// `--exec-each`, `--jobs`, `--exec-timeout`.
+    pub exec_each: Option<(String, usize, Duration)>,
 }
 
-/// How a run ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Shutdown or `--count` reached.
-    Done(Stop),
-    /// The reader of the output went away (`| head`): a normal end.
-    OutputClosed,
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions {
+            count: None,
+            idle_exit: None,
+            duration: None,
+            format: Format::Json,
+            body: BodyMode::Auto,
+            filters: TopicFilters::default(),
+            dedup: Some((crate::dedup::DEFAULT_SIZE, crate::dedup::DEFAULT_AGE)),
+            reorder: None,
+            exec: None,
+            exec_each: None,
+        }
+    }
 }
 
 /// Why a run could not go on.
@@ -40,17 +74,20 @@ pub enum ListenError {
     Other(#[from] anyhow::Error),
 }
 
-/// Runs `profile` until shutdown, `--count`, or the output closes.
+/// How long a stop may take before the process exits anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `profile` until the run stops; returns why it stopped.
 pub async fn listen(
     profile: Profile,
     options: ListenOptions,
-    output: Arc<Output>,
-    shutdown: CancellationToken,
-) -> Result<Outcome, ListenError> {
+    stdout: Writer,
+    stopper: Arc<Stopper>,
+) -> Result<StopReason, ListenError> {
     #[cfg(feature = "emulator")]
     let (profile, extra_ca, _demo) = if profile.emulator {
         let mut profile = profile;
-        let demo = demo::start(&mut profile, shutdown.clone()).await?;
+        let demo = demo::start(&mut profile, stopper.token()).await?;
         let ca = Some(demo.ca_pem().to_string());
         (profile, ca, Some(demo))
     } else {
@@ -81,50 +118,112 @@ pub async fn listen(
         }
     })?;
 
-    let endpoint = Endpoint {
-        host: profile.host.clone(),
-        port: profile.port,
-        container_id: profile.client_id.clone(),
-        idle_timeout: profile.idle_timeout,
-        credit: profile.credit,
-        source: profile.source.clone(),
-        tls,
-    };
     let counters = Arc::new(Counters::default());
-    let ctx = PumpContext {
-        output,
-        shutdown,
-        budget: Budget::new(options.count.unwrap_or(u64::MAX)),
-        counters: counters.clone(),
-        max_batch: (profile.credit / 2).max(1) as usize,
-        keepalive: profile.idle_timeout / 2,
+    let target = match (&options.exec_each, &options.exec) {
+        (Some((command, jobs, timeout)), _) => Target::ExecEach {
+            command: command.as_str().into(),
+            jobs: *jobs,
+            timeout: *timeout,
+        },
+        (None, Some(command)) => Target::Write(Writer::Exec(Box::new(ExecChild::new(
+            command.clone(),
+            stopper.token(),
+        )))),
+        (None, None) => Target::Write(stdout),
     };
-    tracing::info!(profile = %profile.name, host = %profile.host, port = profile.port, "starting");
-    let end = supervisor::supervise(Arc::new(profile), endpoint, ctx).await;
+    let (to_sink, sink_rx) = mpsc::channel(CHANNEL_BATCHES);
+    let sink = tokio::spawn(sink::run(
+        sink_rx,
+        SinkOptions {
+            target,
+            dedup: options.dedup,
+            reorder: options.reorder,
+            count: options.count,
+            idle_exit: options.idle_exit,
+        },
+        stopper.clone(),
+        counters.clone(),
+    ));
+
+    let render = Arc::new(Render {
+        format: options.format.clone(),
+        body: options.body,
+        filters: options.filters.clone(),
+        keyer: Keyer::default(),
+        exec_each: options.exec_each.is_some(),
+    });
     tracing::info!(
-        written = counters.written.load(Ordering::Relaxed),
-        accepted = counters.accepted.load(Ordering::Relaxed),
-        rejected = counters.rejected.load(Ordering::Relaxed),
+        profile = %profile.name,
+        host = %profile.host,
+        port = profile.port,
+        connections = profile.connections,
+        "starting"
+    );
+    let profile = Arc::new(profile);
+    let mut connections = JoinSet::new();
+    for i in 1..=profile.connections {
+        let container_id = if profile.connections == 1 {
+            profile.client_id.clone()
+        } else {
+            format!("{}-{i}", profile.client_id)
+        };
+        let endpoint = Endpoint {
+            host: profile.host.clone(),
+            port: profile.port,
+            container_id,
+            idle_timeout: profile.idle_timeout,
+            credit: profile.credit,
+            source: profile.source.clone(),
+            tls: tls.clone(),
+        };
+        let ctx = PumpContext {
+            sink: to_sink.clone(),
+            stopper: stopper.clone(),
+            counters: counters.clone(),
+            render: render.clone(),
+            max_batch: (profile.credit / 2).max(1) as usize,
+            keepalive: profile.idle_timeout / 2,
+        };
+        connections.spawn(supervisor::supervise(profile.clone(), endpoint, ctx));
+    }
+    drop(to_sink);
+
+    if let Some(d) = options.duration {
+        let stopper = stopper.clone();
+        let stopped = stopper.token();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {
+                    tracing::info!(duration = ?d, "--duration elapsed; stopping");
+                    stopper.stop(StopReason::Duration);
+                }
+                _ = stopped.cancelled() => {}
+            }
+        });
+    }
+
+    while connections.join_next().await.is_some() {}
+    // The sink ends when the last connection has hung up.
+    let _ = sink.await;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    tracing::info!(
+        written = get(&counters.written),
+        accepted = get(&counters.accepted),
+        duplicates = get(&counters.duplicates),
+        filtered = get(&counters.filtered),
+        rejected = get(&counters.rejected),
+        released = get(&counters.released),
         "stopped"
     );
-    match end {
-        End::Stopped(stop) => Ok(Outcome::Done(stop)),
-        End::OutputFailed(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            Ok(Outcome::OutputClosed)
-        }
-        End::OutputFailed(e) => Err(anyhow::anyhow!("writing the output failed: {e}").into()),
-    }
+    Ok(stopper.reason().unwrap_or(StopReason::Signal))
 }
-
-/// How long a stop may take before the process exits anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(feature = "emulator")]
 mod demo {
     //! The `demo` profile's embedded emulator with simulated devices.
 
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     use tokio_util::sync::CancellationToken;
 
@@ -167,10 +266,7 @@ mod demo {
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
+                let now = crate::time::now_ms() as i64;
                 publisher.publish_wait(fleet.next_message(now)).await;
             }
         });

@@ -2,14 +2,13 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
-
 use iot_sub::cli::{Cli, Command};
-use iot_sub::listen::{self, ListenError, ListenOptions, Outcome};
-use iot_sub::output::Output;
+use iot_sub::listen::{self, ListenError, ListenOptions};
+use iot_sub::sink::writer::Writer;
+use iot_sub::stop::Stopper;
+use iot_sub::topic::TopicFilters;
 use iot_sub::{config, exit, shutdown};
 
 fn main() -> ExitCode {
@@ -36,8 +35,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> u8 {
-    let token = CancellationToken::new();
-    if let Err(e) = shutdown::install(token.clone()) {
+    let stopper = Stopper::new();
+    if let Err(e) = shutdown::install(stopper.clone()) {
         eprintln!("iot-sub: error: cannot install signal handlers: {e}");
         return exit::FAILURE;
     }
@@ -50,18 +49,33 @@ async fn run(cli: Cli) -> u8 {
                     return exit::CONFIG;
                 }
             };
-            let output = Arc::new(Output::stdout());
-            let options = ListenOptions { count: args.count };
+            let options = ListenOptions {
+                count: args.count,
+                idle_exit: args.idle_exit,
+                duration: args.duration,
+                format: args.format,
+                body: args.body,
+                filters: TopicFilters {
+                    include: args.topics,
+                    exclude: args.exclude_topics,
+                },
+                dedup: (!args.no_dedup).then_some((args.dedup_size, args.dedup_age)),
+                reorder: args.reorder_window,
+                exec: args.exec,
+                exec_each: args.exec_each.map(|c| (c, args.jobs, args.exec_timeout)),
+            };
+            let count_given = options.count.is_some();
             let grace = {
-                let token = token.clone();
+                let token = stopper.token();
                 async move {
                     token.cancelled().await;
                     tokio::time::sleep(listen::SHUTDOWN_GRACE).await;
                 }
             };
+            let stdout = Writer::Stdout(tokio::io::stdout());
             tokio::select! {
-                result = listen::listen(profile, options, output, token.clone()) => match result {
-                    Ok(Outcome::Done(_)) | Ok(Outcome::OutputClosed) => exit::OK,
+                result = listen::listen(profile, options, stdout, stopper.clone()) => match result {
+                    Ok(reason) => exit::for_stop(&reason, count_given),
                     Err(ListenError::Config(e)) => {
                         eprintln!("iot-sub: {e}");
                         exit::CONFIG
@@ -73,12 +87,12 @@ async fn run(cli: Cli) -> u8 {
                 },
                 _ = grace => {
                     tracing::warn!("stop took longer than {:?}; exiting; unaccepted messages will be redelivered", listen::SHUTDOWN_GRACE);
-                    exit::OK
+                    stopper.reason().map_or(exit::OK, |r| exit::for_stop(&r, count_given))
                 }
             }
         }
         #[cfg(feature = "emulator")]
-        Command::Emulate(args) => match iot_sub::emulate::run(*args, token).await {
+        Command::Emulate(args) => match iot_sub::emulate::run(args, stopper.token()).await {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("iot-sub: error: {e:#}");

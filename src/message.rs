@@ -1,10 +1,11 @@
 //! Turns one AMQP delivery into one JSON line: the stable output schema lives here.
 //!
 //! Schema (one object per line, keys always in this order):
-//! `{"topic":..,"messageId":..,"generateTime":..,"properties":{..},"bodyEncoding":..,"body":..}`
+//! `{"topic":..,"messageId":..,"generateTime":..,"productKey":..,"deviceName":..,"properties":{..},"bodyEncoding":..,"body":..}`
 //! - `messageId` is a string (an integer id on the wire is written in decimal), taken from the
 //!   application property `messageId`, else from the AMQP `properties.message-id`.
 //! - `generateTime` is integer milliseconds since the epoch, or `null` when absent.
+//! - `productKey` and `deviceName` come from the topic's shape, `null` when it has none.
 //! - `properties` holds every other application property.
 //! - `bodyEncoding` is `json` (body embedded as JSON), `text` (body is a string: the bytes are
 //!   UTF-8 with no control characters but tab, CR and LF) or `base64` (the raw bytes, base64).
@@ -51,14 +52,15 @@ impl std::error::Error for DecodeError {}
 pub enum BodyEncoding {
     /// Valid JSON, embedded as a JSON value.
     Json,
-    /// Valid UTF-8 that is not JSON, embedded as a string.
+    /// Text (UTF-8 without control characters but tab, CR, LF), embedded as a string.
     Text,
     /// Anything else, base64 (standard alphabet, padded).
     Base64,
 }
 
 impl BodyEncoding {
-    fn as_str(self) -> &'static str {
+    /// The name used in the output.
+    pub fn as_str(self) -> &'static str {
         match self {
             BodyEncoding::Json => "json",
             BodyEncoding::Text => "text",
@@ -67,10 +69,55 @@ impl BodyEncoding {
     }
 }
 
-/// Appends the JSON line (with its `\n`) for `message` to `out`, or says why it cannot.
-///
-/// On error `out` is left as it was.
-pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+/// `--body`: how to choose the body's encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyMode {
+    /// JSON if it parses, else text if it is text, else base64.
+    #[default]
+    Auto,
+    /// JSON if it parses, else as `Auto` would write it.
+    Json,
+    /// A string whenever the bytes are UTF-8 (control characters escaped), else base64.
+    Text,
+    /// Always base64.
+    Base64,
+}
+
+impl std::str::FromStr for BodyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BodyMode::Auto),
+            "json" => Ok(BodyMode::Json),
+            "text" => Ok(BodyMode::Text),
+            "base64" => Ok(BodyMode::Base64),
+            _ => Err(format!(
+                "unknown body mode `{s}` (auto | json | text | base64)"
+            )),
+        }
+    }
+}
+
+/// The fields of one message, borrowed from the delivery where possible.
+#[derive(Debug)]
+pub struct View<'a> {
+    /// Application property `topic`.
+    pub topic: &'a str,
+    /// The message id, as text.
+    pub message_id: std::borrow::Cow<'a, str>,
+    /// Milliseconds since the epoch.
+    pub generate_time: Option<i64>,
+    /// From the topic's shape.
+    pub product_key: Option<&'a str>,
+    /// From the topic's shape.
+    pub device_name: Option<&'a str>,
+    /// The body's bytes.
+    pub body: std::borrow::Cow<'a, [u8]>,
+    props: Option<&'a fe2o3_amqp::types::primitives::OrderedMap<String, SimpleValue>>,
+}
+
+/// Reads the schema's fields out of a message, or says why it cannot.
+pub fn decode(message: &Message<Body<Value>>) -> Result<View<'_>, DecodeError> {
     let props = message.application_properties.as_ref().map(|p| &p.0);
     let get = |key: &str| props.and_then(|p| p.get(key));
 
@@ -80,19 +127,24 @@ pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(
         Some(other) => return Err(DecodeError::BadField("topic", type_name(other).into())),
         None => return Err(DecodeError::MissingTopic),
     };
-    let message_id = match get("messageId") {
-        Some(v) => id_text(v).ok_or_else(|| {
-            DecodeError::BadField("messageId", format!("{} is not an id", type_name(v)))
-        })?,
+    let message_id: std::borrow::Cow<'_, str> = match get("messageId") {
+        Some(SimpleValue::String(s)) => s.as_str().into(),
+        Some(v) => id_text(v)
+            .ok_or_else(|| {
+                DecodeError::BadField("messageId", format!("{} is not an id", type_name(v)))
+            })?
+            .into(),
         None => match message
             .properties
             .as_ref()
             .and_then(|p| p.message_id.as_ref())
         {
-            Some(MessageId::String(s)) => s.clone(),
-            Some(MessageId::Ulong(n)) => n.to_string(),
-            Some(MessageId::Uuid(u)) => uuid_text(u.as_inner()),
-            Some(MessageId::Binary(b)) => base64::engine::general_purpose::STANDARD.encode(b),
+            Some(MessageId::String(s)) => s.as_str().into(),
+            Some(MessageId::Ulong(n)) => n.to_string().into(),
+            Some(MessageId::Uuid(u)) => uuid_text(u.as_inner()).into(),
+            Some(MessageId::Binary(b)) => {
+                base64::engine::general_purpose::STANDARD.encode(b).into()
+            }
             None => return Err(DecodeError::MissingMessageId),
         },
     };
@@ -105,28 +157,62 @@ pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(
             )
         })?),
     };
-
-    let bytes = body_bytes(&message.body)?;
-    let (encoding, body) = classify_body(&bytes);
-
-    let line = Line {
+    let (product_key, device_name) = crate::topic::device_of(topic);
+    let body = body_bytes(&message.body)?;
+    Ok(View {
         topic,
-        message_id: &message_id,
+        message_id,
         generate_time,
-        properties: OtherProperties(props),
-        body_encoding: encoding.as_str(),
+        product_key,
+        device_name,
         body,
-    };
-    let start = out.len();
-    if serde_json::to_writer(&mut *out, &line).is_err() {
-        // Writing to a Vec cannot fail for I/O; only a serializer error, which our types avoid.
-        out.truncate(start);
-        return Err(DecodeError::BadField(
-            "body",
-            "could not be serialized".into(),
-        ));
+        props,
+    })
+}
+
+impl View<'_> {
+    /// The body as it goes into the output, chosen by `mode`.
+    pub fn body_out(&self, mode: BodyMode) -> (BodyEncoding, BodyOut<'_>) {
+        classify_body(&self.body, mode)
     }
-    out.push(b'\n');
+
+    /// Application properties other than topic, messageId and generateTime, as JSON values.
+    pub fn other_properties(&self) -> impl Iterator<Item = (&str, &SimpleValue)> + '_ {
+        self.props
+            .into_iter()
+            .flat_map(|p| p.iter())
+            .filter(|(k, _)| !SCHEMA_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// One application property by name (any, including the schema's).
+    pub fn property(&self, key: &str) -> Option<&SimpleValue> {
+        self.props.and_then(|p| p.get(key))
+    }
+
+    /// Appends the JSON line (with its `\n`).
+    pub fn write_json(&self, mode: BodyMode, out: &mut Vec<u8>) {
+        let (encoding, body) = self.body_out(mode);
+        let line = Line {
+            topic: self.topic,
+            message_id: &self.message_id,
+            generate_time: self.generate_time,
+            product_key: self.product_key,
+            device_name: self.device_name,
+            properties: OtherProperties(self.props),
+            body_encoding: encoding.as_str(),
+            body,
+        };
+        // Writing to a Vec cannot fail, and every value here serializes.
+        let _ = serde_json::to_writer(&mut *out, &line);
+        out.push(b'\n');
+    }
+}
+
+/// Appends the JSON line for `message` to `out` (default body mode), or says why it cannot.
+/// On error `out` is left as it was.
+pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    decode(message)?.write_json(BodyMode::Auto, out);
     Ok(())
 }
 
@@ -155,11 +241,25 @@ fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeEr
     }
 }
 
-/// The body as it goes into the line.
-enum BodyOut<'a> {
+/// The body as it goes into the output.
+pub enum BodyOut<'a> {
+    /// Embedded JSON (one line).
     Json(Box<RawValue>),
+    /// A string.
     Text(&'a str),
+    /// Base64 of the bytes.
     Base64(String),
+}
+
+impl BodyOut<'_> {
+    /// The body as text: compact JSON, the string itself, or the base64.
+    pub fn as_text(&self) -> &str {
+        match self {
+            BodyOut::Json(raw) => raw.get(),
+            BodyOut::Text(t) => t,
+            BodyOut::Base64(b) => b,
+        }
+    }
 }
 
 impl Serialize for BodyOut<'_> {
@@ -179,13 +279,17 @@ fn is_text(text: &str) -> bool {
         .any(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f)
 }
 
-fn classify_body(bytes: &[u8]) -> (BodyEncoding, BodyOut<'_>) {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) if is_text(text) => text,
-        _ => {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-            return (BodyEncoding::Base64, BodyOut::Base64(b64));
-        }
+fn classify_body(bytes: &[u8], mode: BodyMode) -> (BodyEncoding, BodyOut<'_>) {
+    let base64 = || {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        (BodyEncoding::Base64, BodyOut::Base64(b64))
+    };
+    let text = match (mode, std::str::from_utf8(bytes)) {
+        (BodyMode::Base64, _) | (_, Err(_)) => return base64(),
+        (BodyMode::Text, Ok(text)) => return (BodyEncoding::Text, BodyOut::Text(text)),
+        (_, Ok(text)) if is_text(text) => text,
+        (BodyMode::Json, Ok(text)) if serde_json::from_str::<&RawValue>(text).is_ok() => text,
+        _ => return base64(),
     };
     if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
         // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
@@ -210,6 +314,10 @@ struct Line<'a> {
     message_id: &'a str,
     #[serde(rename = "generateTime")]
     generate_time: Option<i64>,
+    #[serde(rename = "productKey")]
+    product_key: Option<&'a str>,
+    #[serde(rename = "deviceName")]
+    device_name: Option<&'a str>,
     properties: OtherProperties<'a>,
     #[serde(rename = "bodyEncoding")]
     body_encoding: &'static str,
@@ -239,7 +347,7 @@ impl Serialize for OtherProperties<'_> {
 
 /// An application property value as JSON: numbers as numbers, binary as base64, timestamps as
 /// milliseconds, decimals and described values as `null` (they have no faithful JSON form).
-struct JsonSimple<'a>(&'a SimpleValue);
+pub struct JsonSimple<'a>(pub &'a SimpleValue);
 
 impl Serialize for JsonSimple<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -381,7 +489,8 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"topic\":\"/a1/dev1/thing/event/property/post\",\"messageId\":\"1765432109876543210\",\
-             \"generateTime\":1714528800123,\"properties\":{},\"bodyEncoding\":\"json\",\
+             \"generateTime\":1714528800123,\"productKey\":\"a1\",\"deviceName\":\"dev1\",\
+             \"properties\":{},\"bodyEncoding\":\"json\",\
              \"body\":{\"items\":{\"Power\":{\"value\":\"on\"}}}}\n"
         );
     }
@@ -420,6 +529,24 @@ mod tests {
         let v = line(&message(base(), Body::Empty));
         assert_eq!(v["bodyEncoding"], "text");
         assert_eq!(v["body"], "");
+    }
+
+    #[test]
+    fn body_modes_force_an_encoding() {
+        let m = message(base(), data(br#"{"a":1}"#));
+        let v = decode(&m).unwrap();
+        let enc = |mode| v.body_out(mode).0;
+        assert_eq!(enc(BodyMode::Auto), BodyEncoding::Json);
+        assert_eq!(enc(BodyMode::Text), BodyEncoding::Text);
+        assert_eq!(enc(BodyMode::Base64), BodyEncoding::Base64);
+        assert_eq!(v.body_out(BodyMode::Text).1.as_text(), r#"{"a":1}"#);
+        let m = message(base(), data(b"a\x01b"));
+        let v = decode(&m).unwrap();
+        assert_eq!(v.body_out(BodyMode::Auto).0, BodyEncoding::Base64);
+        assert_eq!(v.body_out(BodyMode::Text).0, BodyEncoding::Text);
+        assert_eq!(v.body_out(BodyMode::Json).0, BodyEncoding::Base64);
+        assert_eq!("base64".parse::<BodyMode>(), Ok(BodyMode::Base64));
+        assert!("hex".parse::<BodyMode>().is_err());
     }
 
     #[test]

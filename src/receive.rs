@@ -1,101 +1,62 @@
-//! The receive loop of one live subscription: deliveries → JSON lines → output → accept.
+//! The receive loop of one live subscription: deliveries → decode → topic filter → render →
+//! the sink; and the sink's accepts and releases back onto the link.
 //!
-//! Deliveries that are ready together are written as one batch with one flush, then accepted
-//! with one disposition. A batch never exceeds half the credit, because fe2o3 refills credit
-//! only after credit/2 settlements. Every delivery is settled on every path, so credit never
-//! stalls: written ones are accepted, undecodable ones rejected, ones past `--count` released.
+//! Deliveries that are ready together go to the sink as one batch, never more than half the
+//! credit (fe2o3 refills credit only after credit/2 settlements). Every delivery is settled on
+//! every path, so credit never stalls: filtered-out ones are accepted here, undecodable ones
+//! rejected here, the rest accepted or released when the sink says so.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::delivery::{Delivery, DeliveryInfo};
 use fe2o3_amqp::link::{LinkStateError, RecvError};
 use fe2o3_amqp::types::definitions;
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
 use futures_util::FutureExt;
+use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
-use crate::message;
-use crate::output::Output;
+use crate::dedup::Keyer;
+use crate::format::Format;
+use crate::message::{self, BodyMode};
+use crate::sink::exec_each::ExecFields;
+use crate::sink::{Acks, Batch, Counters, Item};
+use crate::stop::Stopper;
+use crate::topic::TopicFilters;
 use crate::transport::{self, LinkError, Subscription, SEND_TIMEOUT};
 
-/// Why a subscription stopped without a connection error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// Asked to stop (signal).
-    Shutdown,
-    /// `--count` messages are out and accepted.
-    CountReached,
-}
+/// After a stop, how long a connection waits for the sink's accepts before it closes.
+pub const ACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the receive loop ended with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum PumpError {
-    /// The connection or link failed: reconnect.
-    #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The output failed (closed pipe, full disk): stop the whole run.
-    #[error("writing the output failed: {0}")]
-    Output(std::io::Error),
-}
-
-/// How many messages may still be written (`--count`), shared by all connections.
+/// How messages are turned into output; shared by every connection.
 #[derive(Debug)]
-pub struct Budget(AtomicU64);
-
-impl Budget {
-    /// At most `n` messages (`u64::MAX`: no limit).
-    pub fn new(n: u64) -> Arc<Self> {
-        Arc::new(Budget(AtomicU64::new(n)))
-    }
-
-    /// Takes up to `want`; returns how many were granted.
-    fn take(&self, want: u64) -> u64 {
-        let mut current = self.0.load(Ordering::Acquire);
-        loop {
-            let grant = current.min(want);
-            match self.0.compare_exchange(
-                current,
-                current - grant,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return grant,
-                Err(now) => current = now,
-            }
-        }
-    }
-
-    /// Nothing left.
-    pub fn exhausted(&self) -> bool {
-        self.0.load(Ordering::Acquire) == 0
-    }
-}
-
-/// Counters shared with the supervisor (and later, metrics).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Lines written and flushed.
-    pub written: AtomicU64,
-    /// Deliveries accepted.
-    pub accepted: AtomicU64,
-    /// Deliveries rejected as undecodable.
-    pub rejected: AtomicU64,
+pub struct Render {
+    /// `--format`.
+    pub format: Format,
+    /// `--body`.
+    pub body: BodyMode,
+    /// `--topic`, `--exclude-topic`.
+    pub filters: TopicFilters,
+    /// Dedup keys.
+    pub keyer: Keyer,
+    /// `--exec-each`: hand over the raw body and the metadata instead of a rendered line.
+    pub exec_each: bool,
 }
 
 /// What the loop needs besides the subscription.
+#[derive(Clone)]
 pub struct PumpContext {
-    /// Where lines go.
-    pub output: Arc<Output>,
-    /// Stop taking deliveries when cancelled.
-    pub shutdown: CancellationToken,
-    /// `--count`.
-    pub budget: Arc<Budget>,
+    /// The sink's intake.
+    pub sink: mpsc::Sender<Batch>,
+    /// Stop taking deliveries when it says so.
+    pub stopper: Arc<Stopper>,
     /// Shared counters.
     pub counters: Arc<Counters>,
+    /// Format, filters, keys.
+    pub render: Arc<Render>,
     /// Largest batch (credit / 2).
     pub max_batch: usize,
     /// How often to send a Flow when nothing else is sent, so the server always hears from us
@@ -103,112 +64,164 @@ pub struct PumpContext {
     pub keepalive: Duration,
 }
 
-/// Runs until shutdown, `--count`, or an error.
-pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<Stop, PumpError> {
-    let mut lines: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut to_accept: Vec<DeliveryInfo> = Vec::with_capacity(ctx.max_batch);
-    let mut to_release: Vec<DeliveryInfo> = Vec::new();
+/// Runs until the run stops (`Ok`) or the connection fails (`Err`: reconnect).
+pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkError> {
+    let stop = ctx.stopper.token();
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Acks>();
+    let mut outstanding = 0usize;
     let mut keepalive = tokio::time::interval(ctx.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.reset();
+    let mut settle_here = Acks::default();
 
-    loop {
-        if ctx.budget.exhausted() {
-            return Ok(Stop::CountReached);
-        }
+    'receiving: loop {
         let first = tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => return Ok(Stop::Shutdown),
+            _ = stop.cancelled() => break 'receiving,
+            Some(acks) = ack_rx.recv() => {
+                outstanding -= apply(sub, acks, ctx).await?;
+                keepalive.reset();
+                continue;
+            }
             r = sub.receiver.recv::<Body<Value>>() => r,
             _ = keepalive.tick() => {
                 send(sub.receiver.send_properties(), "keep-alive flow").await?;
                 continue;
             }
         };
+
+        let mut batch = Batch {
+            bytes: Vec::with_capacity(16 * 1024),
+            items: Vec::new(),
+            acks: ack_tx.clone(),
+        };
         let mut taken = 0usize;
         let mut next = Some(first);
         while let Some(received) = next.take() {
-            let handled = handle(
-                sub,
-                received,
-                &mut lines,
-                &mut to_accept,
-                &mut to_release,
-                ctx,
-                &mut taken,
-            )
-            .await;
-            if let Err(e) = handled {
-                // The batch will not be written; give its share of `--count` back.
-                ctx.budget
-                    .0
-                    .fetch_add(to_accept.len() as u64, Ordering::AcqRel);
-                return Err(e);
+            taken += 1;
+            match received {
+                Ok(delivery) => {
+                    if let Some((info, reason)) = take(delivery, &mut batch, &mut settle_here, ctx)
+                    {
+                        reject(sub, info, reason, ctx).await?;
+                    }
+                }
+                Err(RecvError::MessageDecode(e)) => {
+                    let reason = format!("cannot decode the message: {}", e.source);
+                    tracing::warn!(%reason, "rejecting a delivery");
+                    reject(sub, e.info, reason, ctx).await?;
+                }
+                Err(e) => return Err(recv_error(sub, e).await),
             }
             // Take what is already here without waiting: recv() is cancel-safe.
             if taken < ctx.max_batch {
                 next = sub.receiver.recv::<Body<Value>>().now_or_never();
             }
         }
+        if !settle_here.accept.is_empty() {
+            apply(sub, std::mem::take(&mut settle_here), ctx).await?;
+        }
+        if batch.items.is_empty() {
+            continue;
+        }
 
-        if !lines.is_empty() {
-            // Not raced against shutdown: a batch that started is finished and accepted.
-            ctx.output
-                .write_batch(&lines)
-                .await
-                .map_err(PumpError::Output)?;
-            ctx.counters
-                .written
-                .fetch_add(to_accept.len() as u64, Ordering::Relaxed);
-            lines.clear();
-        }
-        if !to_accept.is_empty() {
-            let n = to_accept.len() as u64;
-            send(sub.receiver.accept_all(to_accept.drain(..)), "accept").await?;
-            ctx.counters.accepted.fetch_add(n, Ordering::Relaxed);
-            keepalive.reset();
-        }
-        if !to_release.is_empty() {
-            send(sub.receiver.release_all(to_release.drain(..)), "release").await?;
+        // Hand the batch over; while the sink is busy (a slow output), keep settling.
+        let n = batch.items.len();
+        let mut batch = Some(batch);
+        while let Some(b) = batch.take() {
+            tokio::select! {
+                biased;
+                permit = ctx.sink.reserve() => match permit {
+                    Ok(permit) => {
+                        permit.send(b);
+                        outstanding += n;
+                    }
+                    // The sink is gone: the run is ending; the cloud redelivers.
+                    Err(_) => break 'receiving,
+                },
+                Some(acks) = ack_rx.recv() => {
+                    outstanding -= apply(sub, acks, ctx).await?;
+                    batch = Some(b);
+                }
+                // Stopping: this batch was not handed over and is not accepted.
+                _ = stop.cancelled() => break 'receiving,
+            }
         }
     }
-}
 
-/// Decodes one received delivery into `lines`, or rejects it, or sets it aside for release.
-async fn handle(
-    sub: &mut Subscription,
-    received: Result<fe2o3_amqp::link::delivery::Delivery<Body<Value>>, RecvError>,
-    lines: &mut Vec<u8>,
-    to_accept: &mut Vec<DeliveryInfo>,
-    to_release: &mut Vec<DeliveryInfo>,
-    ctx: &PumpContext,
-    taken: &mut usize,
-) -> Result<(), PumpError> {
-    *taken += 1;
-    let delivery = match received {
-        Ok(d) => d,
-        Err(RecvError::MessageDecode(e)) => {
-            let reason = format!("cannot decode the message: {}", e.source);
-            tracing::warn!(%reason, "rejecting a delivery");
-            reject(sub, e.info, reason, ctx).await?;
-            return Ok(());
-        }
-        Err(e) => return Err(PumpError::Link(recv_error(sub, e).await)),
-    };
-    if ctx.budget.take(1) == 0 {
-        to_release.push(DeliveryInfo::from(&delivery));
-        return Ok(());
-    }
-    match message::write_line(delivery.message(), lines) {
-        Ok(()) => to_accept.push(DeliveryInfo::from(delivery)),
-        Err(reason) => {
-            // Give the budget back: this message was not written.
-            ctx.budget.0.fetch_add(1, Ordering::AcqRel);
-            tracing::warn!(%reason, delivery_id = delivery.delivery_id(), "rejecting a delivery");
-            reject(sub, DeliveryInfo::from(delivery), reason.to_string(), ctx).await?;
+    // Stopped: wait (bounded) for the accepts of what the sink already has.
+    let deadline = tokio::time::Instant::now() + ACK_DRAIN_TIMEOUT;
+    while outstanding > 0 {
+        tokio::select! {
+            Some(acks) = ack_rx.recv() => outstanding -= apply(sub, acks, ctx).await?,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(outstanding, "stopping without the accepts of some messages; they will be redelivered");
+                break;
+            }
         }
     }
     Ok(())
+}
+
+/// Decodes, filters and renders one delivery into `batch`, or sets it aside to accept here
+/// (filtered out), or returns it with the reason to reject it (it does not fit the schema).
+fn take(
+    delivery: Delivery<Body<Value>>,
+    batch: &mut Batch,
+    settle_here: &mut Acks,
+    ctx: &PumpContext,
+) -> Option<(DeliveryInfo, String)> {
+    let render = &ctx.render;
+    let view = match message::decode(delivery.message()) {
+        Ok(view) => view,
+        Err(reason) => {
+            tracing::warn!(%reason, delivery_id = delivery.delivery_id(), "rejecting a delivery");
+            return Some((DeliveryInfo::from(&delivery), reason.to_string()));
+        }
+    };
+    if !render.filters.is_empty() && !render.filters.passes(view.topic) {
+        ctx.counters.filtered.fetch_add(1, Ordering::Relaxed);
+        settle_here.accept.push(DeliveryInfo::from(&delivery));
+        return None;
+    }
+    let start = batch.bytes.len();
+    let exec = if render.exec_each {
+        batch.bytes.extend_from_slice(&view.body);
+        Some(Box::new(ExecFields {
+            topic: view.topic.to_string(),
+            message_id: view.message_id.to_string(),
+            generate_time: view.generate_time,
+            product_key: view.product_key.map(str::to_string),
+            device_name: view.device_name.map(str::to_string),
+        }))
+    } else {
+        render.format.render(&view, render.body, &mut batch.bytes);
+        None
+    };
+    let item = Item {
+        key: render.keyer.key(&view.message_id),
+        generate_time: view.generate_time,
+        range: start..batch.bytes.len(),
+        exec,
+        info: DeliveryInfo::from(&delivery),
+    };
+    batch.items.push(item);
+    None
+}
+
+/// Settles what the sink (or this loop) decided; returns how many deliveries that was.
+async fn apply(sub: &mut Subscription, acks: Acks, ctx: &PumpContext) -> Result<usize, LinkError> {
+    let (accepted, released) = (acks.accept.len(), acks.release.len());
+    if accepted > 0 {
+        send(sub.receiver.accept_all(acks.accept), "accept").await?;
+        ctx.counters
+            .accepted
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+    }
+    if released > 0 {
+        send(sub.receiver.release_all(acks.release), "release").await?;
+    }
+    Ok(accepted + released)
 }
 
 async fn reject(
@@ -216,7 +229,7 @@ async fn reject(
     info: DeliveryInfo,
     reason: String,
     ctx: &PumpContext,
-) -> Result<(), PumpError> {
+) -> Result<(), LinkError> {
     let error = definitions::Error::new(definitions::AmqpError::DecodeError, Some(reason), None);
     send(sub.receiver.reject(info, Some(error)), "reject").await?;
     ctx.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -227,16 +240,14 @@ async fn reject(
 async fn send<E: std::fmt::Display>(
     fut: impl std::future::Future<Output = Result<(), E>>,
     what: &'static str,
-) -> Result<(), PumpError> {
+) -> Result<(), LinkError> {
     match timeout(SEND_TIMEOUT, fut).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(PumpError::Link(LinkError::Lost(format!(
-            "{what} failed: {e}"
-        )))),
-        Err(_) => Err(PumpError::Link(LinkError::Timeout {
+        Ok(Err(e)) => Err(LinkError::Lost(format!("{what} failed: {e}"))),
+        Err(_) => Err(LinkError::Timeout {
             step: what,
             after: SEND_TIMEOUT,
-        })),
+        }),
     }
 }
 
@@ -263,19 +274,5 @@ async fn recv_error(sub: &mut Subscription, e: RecvError) -> LinkError {
             }
         }
         other => LinkError::Protocol(other.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn budget_grants_at_most_what_is_left() {
-        let b = Budget::new(3);
-        assert_eq!(b.take(2), 2);
-        assert_eq!(b.take(2), 1);
-        assert_eq!(b.take(1), 0);
-        assert!(b.exhausted());
     }
 }

@@ -2,15 +2,14 @@
 //! retry with jittered exponential backoff that resets after a healthy period.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cloud::alibaba;
 use crate::config::Profile;
 use crate::credentials;
-use crate::receive::{self, PumpContext, PumpError, Stop};
+use crate::receive::{self, PumpContext};
 use crate::transport::{self, Endpoint, LinkError};
 
 /// A connection that stayed up this long resets the backoff to its first step.
@@ -55,39 +54,25 @@ impl Backoff {
     }
 }
 
-/// How a supervised subscription ended.
-#[derive(Debug)]
-pub enum End {
-    /// Stopped on purpose.
-    Stopped(Stop),
-    /// The output failed; nothing more can be written.
-    OutputFailed(std::io::Error),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Runs one subscription until shutdown, `--count`, or an output failure. Never gives up on
-/// network, protocol or login errors: it logs them and retries.
-pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpContext) -> End {
+/// Runs one subscription until the run stops. Never gives up on network, protocol or login
+/// errors: it logs them and retries.
+pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpContext) {
     let mut backoff = Backoff::new(
         profile.backoff_initial,
         profile.backoff_max,
         fastrand::Rng::new(),
     );
-    let shutdown: CancellationToken = ctx.shutdown.clone();
+    let stop = ctx.stopper.token();
     let mut attempt: u64 = 0;
     loop {
         attempt += 1;
         let failure: Failure = match credentials::resolve(&profile) {
             Err(e) => Failure::Credentials(e),
             Ok(login) => {
+                let mut login = login;
+                login.client_id = endpoint.container_id.clone();
                 // A fresh timestamp and signature for every attempt.
-                let creds = alibaba::sign(&login, now_ms());
+                let creds = alibaba::sign(&login, crate::time::now_ms());
                 info!(
                     attempt,
                     host = %endpoint.host,
@@ -98,7 +83,7 @@ pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpConte
                 let started = Instant::now();
                 let connected = tokio::select! {
                     r = transport::connect(&endpoint, creds) => r,
-                    _ = shutdown.cancelled() => return End::Stopped(Stop::Shutdown),
+                    _ = stop.cancelled() => return,
                 };
                 match connected {
                     Err(e) => Failure::Link(e),
@@ -110,18 +95,12 @@ pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpConte
                             "receiver link attached; receiving"
                         );
                         let up = Instant::now();
-                        let result = receive::pump(&mut sub, &ctx).await;
-                        match result {
-                            Ok(stop) => {
+                        match receive::pump(&mut sub, &ctx).await {
+                            Ok(()) => {
                                 sub.close().await;
-                                return End::Stopped(stop);
+                                return;
                             }
-                            Err(PumpError::Output(e)) => {
-                                // Nothing written is accepted; close so the server redelivers.
-                                sub.close().await;
-                                return End::OutputFailed(e);
-                            }
-                            Err(PumpError::Link(e)) => {
+                            Err(e) => {
                                 if up.elapsed() >= HEALTHY_PERIOD {
                                     backoff.reset();
                                 }
@@ -137,7 +116,7 @@ pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpConte
         log_failure(attempt, &failure, delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return End::Stopped(Stop::Shutdown),
+            _ = stop.cancelled() => return,
         }
     }
 }

@@ -85,6 +85,8 @@ async fn messages_are_printed_once_and_accepted_with_the_documented_schema() {
             "topic": "/a1Test/dev3/thing/event/property/post",
             "messageId": "1700000000000000003",
             "generateTime": 1714528800003i64,
+            "productKey": "a1Test",
+            "deviceName": "dev3",
             "properties": {},
             "bodyEncoding": "json",
             "body": {"items": {"Temp": {"value": 3, "time": 1714528800000i64}}}
