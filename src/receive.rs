@@ -59,6 +59,8 @@ pub struct PumpContext {
     pub render: Arc<Render>,
     /// Largest batch (credit / 2).
     pub max_batch: usize,
+    /// The link credit: at most this many deliveries are with the sink, unsettled, at once.
+    pub credit: usize,
     /// How often to send a Flow when nothing else is sent, so the server always hears from us
     /// within its idle-time-out even if it advertises none (then fe2o3 sends no heartbeats).
     pub keepalive: Duration,
@@ -83,7 +85,9 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
                 keepalive.reset();
                 continue;
             }
-            r = sub.receiver.recv::<Body<Value>>() => r,
+            // Past the credit, wait for the sink's accepts: this keeps what is unsettled, and so
+            // memory, bounded by the credit however slow the output is.
+            r = sub.receiver.recv::<Body<Value>>(), if outstanding < ctx.credit => r,
             _ = keepalive.tick() => {
                 send(sub.receiver.send_properties(), "keep-alive flow").await?;
                 continue;
@@ -114,7 +118,7 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
                 Err(e) => return Err(recv_error(sub, e).await),
             }
             // Take what is already here without waiting: recv() is cancel-safe.
-            if taken < ctx.max_batch {
+            if taken < ctx.max_batch && outstanding + taken < ctx.credit {
                 next = sub.receiver.recv::<Body<Value>>().now_or_never();
             }
         }

@@ -1,5 +1,7 @@
 //! Where rendered lines go: stdout, or one long-lived child process (`--exec`) that is restarted
-//! with backoff when it dies. A batch counts as written only once it is flushed.
+//! with backoff when it dies. A batch counts as written only once it is flushed, and for
+//! `--exec` only once the child has read it out of the pipe: bytes still in the pipe when a
+//! child dies are lost with it, so they must not have been accepted.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -42,6 +44,44 @@ impl Writer {
         if let Writer::Exec(child) = self {
             child.close().await;
         }
+    }
+}
+
+/// Waits until the child has read everything in its stdin pipe (FIONREAD, which Linux answers
+/// for the write end too, reaches 0). Fails with `BrokenPipe` if the child exits first: a
+/// child that stops reading without exiting holds the link's credit, as a slow one does.
+async fn wait_until_read(stdin: &ChildStdin) -> io::Result<()> {
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let unread = rustix::io::ioctl_fionread(stdin).map_err(io::Error::from)?;
+        if unread == 0 {
+            return Ok(());
+        }
+        // A closed read end shows as writable-with-error; a zero-length write detects nothing,
+        // so look at the pipe's readiness instead.
+        if stdin_closed(stdin) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the child exited before reading its input",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Whether the read end of the child's stdin is gone (POLLERR on the write end).
+fn stdin_closed(stdin: &ChildStdin) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stdin, PollFlags::OUT)];
+    // Zero timeout: only look, never block the runtime.
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP),
+        Err(_) => true,
     }
 }
 
@@ -88,6 +128,8 @@ impl ExecChild {
     }
 
     async fn write_batch(&mut self, batch: &[u8]) -> io::Result<()> {
+        // Where the next child starts: the first line a dead child did not read in full.
+        let mut from = 0usize;
         loop {
             if self.running.is_none() {
                 if let Err(e) = self.spawn() {
@@ -99,33 +141,54 @@ impl ExecChild {
             let Some((_, stdin, _)) = self.running.as_mut() else {
                 continue;
             };
-            let written = async {
-                stdin.write_all(batch).await?;
-                stdin.flush().await
+            let rest = &batch[from..];
+            let mut written = 0usize;
+            let result = async {
+                while written < rest.len() {
+                    written += stdin.write(&rest[written..]).await?;
+                }
+                stdin.flush().await?;
+                wait_until_read(stdin).await
             }
             .await;
-            match written {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    // The child is gone (EPIPE): nothing of this batch is accepted; the whole
-                    // batch goes to the next child.
-                    let (mut child, stdin, started) = self.running.take().expect("running");
-                    drop(stdin);
-                    let status =
-                        match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
-                            Ok(Ok(s)) => s.to_string(),
-                            _ => {
-                                let _ = child.kill().await;
-                                "killed (did not exit)".to_string()
-                            }
-                        };
-                    if started.elapsed() >= HEALTHY_CHILD {
-                        self.backoff.reset();
-                    }
-                    tracing::warn!(command = %self.command, %status, error = %e, "exec: child stopped taking input; restarting it");
-                    self.wait_before_restart().await?;
-                }
+            let Err(e) = result else { return Ok(()) };
+            // The child is gone. What it read is its own; what is still in the pipe goes to
+            // the next child, from the start of the line it is in.
+            let (mut child, stdin, started) = self.running.take().expect("running");
+            let unread = rustix::io::ioctl_fionread(&stdin).unwrap_or(written as u64) as usize;
+            drop(stdin);
+            let consumed = from + written.saturating_sub(unread);
+            let resume = batch[..consumed]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            // A child that read whole lines before it exited made progress (some commands
+            // exit after N lines on purpose); only one that dies without reading backs off.
+            if resume > from {
+                self.backoff.reset();
             }
+            from = resume;
+            let status = match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                Ok(Ok(s)) => s.to_string(),
+                _ => {
+                    let _ = child.kill().await;
+                    "killed (did not exit)".to_string()
+                }
+            };
+            if started.elapsed() >= HEALTHY_CHILD {
+                self.backoff.reset();
+            }
+            tracing::warn!(
+                command = %self.command,
+                %status,
+                error = %e,
+                resend_bytes = batch.len() - from,
+                "exec: child stopped taking input; restarting it"
+            );
+            if from == batch.len() {
+                return Ok(());
+            }
+            self.wait_before_restart().await?;
         }
     }
 
