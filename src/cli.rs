@@ -91,7 +91,7 @@ pub struct ListenArgs {
     pub no_dedup: bool,
 
     /// How many recent messageIds duplicate suppression remembers.
-    #[arg(long, default_value_t = crate::dedup::DEFAULT_SIZE, value_name = "N", value_parser = clap::value_parser!(usize), help_heading = "Duplicates and order")]
+    #[arg(long, default_value_t = crate::dedup::DEFAULT_SIZE, value_name = "N", value_parser = parse_dedup_size, help_heading = "Duplicates and order")]
     pub dedup_size: usize,
 
     /// How long duplicate suppression remembers a messageId.
@@ -124,6 +124,15 @@ pub struct ListenArgs {
     /// An --exec-each command running longer is killed and its message released.
     #[arg(long, default_value = "20s", value_name = "DURATION", value_parser = humantime::parse_duration, requires = "exec_each", help_heading = "Commands")]
     pub exec_timeout: Duration,
+}
+
+fn parse_dedup_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => {
+            Err("allowed: 1 to 10000000 (use --no-dedup to turn duplicate suppression off)".into())
+        }
+    }
 }
 
 fn parse_jobs(s: &str) -> Result<usize, String> {
