@@ -15,7 +15,7 @@
 //!   `--count`/`--idle-exit`, stdout or `--exec`, `--exec-each`; accepts after output.
 //! - [`supervisor`]: reconnect with backoff, re-signing every attempt.
 //! - [`listen`]: `iot-sub listen`, wiring the above together.
-//! - [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
+//! - [`status`]: health and metrics hooks; [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
 //! - [`emulator`], [`emulate`]: a local stand-in for the cloud endpoint (feature `emulator`).
 
 #![forbid(unsafe_code)]
@@ -38,6 +38,7 @@ pub mod reorder;
 pub mod secret;
 pub mod shutdown;
 pub mod sink;
+pub mod status;
 pub mod stop;
 pub mod supervisor;
 pub mod time;

@@ -16,6 +16,7 @@ use crate::message::BodyMode;
 use crate::receive::{PumpContext, Render};
 use crate::sink::writer::{ExecChild, Writer};
 use crate::sink::{self, Counters, SinkOptions, Target, CHANNEL_BATCHES};
+use crate::status::Status;
 use crate::stop::{StopReason, Stopper};
 use crate::supervisor;
 use crate::topic::TopicFilters;
@@ -119,6 +120,7 @@ pub async fn listen(
     })?;
 
     let counters = Arc::new(Counters::default());
+    let status = Status::new(counters.clone(), profile.connections as usize);
     let target = match (&options.exec_each, &options.exec) {
         (Some((command, jobs, timeout)), _) => Target::ExecEach {
             command: command.as_str().into(),
@@ -142,7 +144,7 @@ pub async fn listen(
             idle_exit: options.idle_exit,
         },
         stopper.clone(),
-        counters.clone(),
+        status.clone(),
     ));
 
     let render = Arc::new(Render {
@@ -180,6 +182,8 @@ pub async fn listen(
             sink: to_sink.clone(),
             stopper: stopper.clone(),
             counters: counters.clone(),
+            status: status.clone(),
+            connection: endpoint.container_id.clone(),
             render: render.clone(),
             max_batch: (profile.credit / 2).max(1) as usize,
             credit: profile.credit as usize,

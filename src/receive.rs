@@ -24,6 +24,7 @@ use crate::format::Format;
 use crate::message::{self, BodyMode};
 use crate::sink::exec_each::ExecFields;
 use crate::sink::{Acks, Batch, Counters, Item};
+use crate::status::Status;
 use crate::stop::Stopper;
 use crate::topic::TopicFilters;
 use crate::transport::{self, LinkError, Subscription, SEND_TIMEOUT};
@@ -55,6 +56,10 @@ pub struct PumpContext {
     pub stopper: Arc<Stopper>,
     /// Shared counters.
     pub counters: Arc<Counters>,
+    /// Health and metrics.
+    pub status: Arc<Status>,
+    /// This connection's client id (a metrics label).
+    pub connection: String,
     /// Format, filters, keys.
     pub render: Arc<Render>,
     /// Largest batch (credit / 2).
@@ -81,7 +86,7 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
             biased;
             _ = stop.cancelled() => break 'receiving,
             Some(acks) = ack_rx.recv() => {
-                outstanding -= apply(sub, acks, ctx).await?;
+                outstanding -= settle(sub, acks, ctx).await?;
                 keepalive.reset();
                 continue;
             }
@@ -125,6 +130,10 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
         if !settle_here.accept.is_empty() {
             apply(sub, std::mem::take(&mut settle_here), ctx).await?;
         }
+        ctx.counters
+            .received
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        ctx.status.credit(&ctx.connection, sub.receiver.credit());
         if batch.items.is_empty() {
             continue;
         }
@@ -139,12 +148,13 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
                     Ok(permit) => {
                         permit.send(b);
                         outstanding += n;
+                        ctx.status.in_flight_add(n as i64);
                     }
                     // The sink is gone: the run is ending; the cloud redelivers.
                     Err(_) => break 'receiving,
                 },
                 Some(acks) = ack_rx.recv() => {
-                    outstanding -= apply(sub, acks, ctx).await?;
+                    outstanding -= settle(sub, acks, ctx).await?;
                     batch = Some(b);
                 }
                 // Stopping: this batch was not handed over and is not accepted.
@@ -157,9 +167,10 @@ pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkE
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_TIMEOUT;
     while outstanding > 0 {
         tokio::select! {
-            Some(acks) = ack_rx.recv() => outstanding -= apply(sub, acks, ctx).await?,
+            Some(acks) = ack_rx.recv() => outstanding -= settle(sub, acks, ctx).await?,
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(outstanding, "stopping without the accepts of some messages; they will be redelivered");
+                ctx.status.in_flight_add(-(outstanding as i64));
                 break;
             }
         }
@@ -211,6 +222,13 @@ fn take(
     };
     batch.items.push(item);
     None
+}
+
+/// Settles what the sink decided; returns how many deliveries that was.
+async fn settle(sub: &mut Subscription, acks: Acks, ctx: &PumpContext) -> Result<usize, LinkError> {
+    let n = apply(sub, acks, ctx).await?;
+    ctx.status.in_flight_add(-(n as i64));
+    Ok(n)
 }
 
 /// Settles what the sink (or this loop) decided; returns how many deliveries that was.

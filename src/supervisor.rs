@@ -95,7 +95,10 @@ pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpConte
                             "receiver link attached; receiving"
                         );
                         let up = Instant::now();
-                        match receive::pump(&mut sub, &ctx).await {
+                        ctx.status.link_attached();
+                        let pumped = receive::pump(&mut sub, &ctx).await;
+                        ctx.status.link_lost();
+                        match pumped {
                             Ok(()) => {
                                 sub.close().await;
                                 return;
@@ -113,6 +116,10 @@ pub async fn supervise(profile: Arc<Profile>, endpoint: Endpoint, ctx: PumpConte
             }
         };
         let delay = backoff.next_delay();
+        ctx.status.failure(match &failure {
+            Failure::Credentials(_) => "credentials",
+            Failure::Link(e) => e.label(),
+        });
         log_failure(attempt, &failure, delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

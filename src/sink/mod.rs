@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::dedup;
 use crate::reorder::Reorder;
+use crate::status::Status;
 use crate::stop::{StopReason, Stopper};
 use exec_each::ExecFields;
 use writer::Writer;
@@ -67,6 +68,8 @@ pub struct Batch {
 /// Counters shared with the connections (and printed at the end).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Deliveries received.
+    pub received: AtomicU64,
     /// Messages written (or handled by `--exec-each`).
     pub written: AtomicU64,
     /// Deliveries accepted.
@@ -115,6 +118,7 @@ struct Held {
     acks: AckSender,
     info: DeliveryInfo,
     key: u64,
+    generate_time: Option<i64>,
     bytes: Vec<u8>,
 }
 
@@ -123,6 +127,7 @@ struct Job {
     acks: AckSender,
     info: DeliveryInfo,
     key: u64,
+    generate_time: Option<i64>,
     fields: Box<ExecFields>,
     body: Vec<u8>,
 }
@@ -132,6 +137,7 @@ struct Done {
     acks: AckSender,
     info: DeliveryInfo,
     key: u64,
+    generate_time: Option<i64>,
     message_id: String,
     result: Result<(), String>,
 }
@@ -146,9 +152,10 @@ struct Sink {
     last_message: Instant,
     stopper: Arc<Stopper>,
     counters: Arc<Counters>,
-    // The current write cycle.
+    status: Arc<Status>,
+    // The current write cycle: per message its connection, delivery, dedup key, generateTime.
     out: Vec<u8>,
-    cycle: Vec<(AckSender, DeliveryInfo, u64)>,
+    cycle: Vec<(AckSender, DeliveryInfo, u64, Option<i64>)>,
     cycle_keys: std::collections::HashSet<u64>,
     // Keys of messages held for reordering or queued/running for `--exec-each`: a duplicate
     // arriving meanwhile must not go out a second time.
@@ -164,8 +171,9 @@ pub async fn run(
     mut rx: mpsc::Receiver<Batch>,
     options: SinkOptions,
     stopper: Arc<Stopper>,
-    counters: Arc<Counters>,
+    status: Arc<Status>,
 ) {
+    let counters = status.counters.clone();
     let (writer, exec) = match options.target {
         Target::Write(w) => (Some(w), None),
         Target::ExecEach {
@@ -186,6 +194,7 @@ pub async fn run(
         last_message: Instant::now(),
         stopper: stopper.clone(),
         counters,
+        status,
         out: Vec::with_capacity(64 * 1024),
         cycle: Vec::new(),
         cycle_keys: Default::default(),
@@ -336,6 +345,7 @@ impl Sink {
                     acks: acks.clone(),
                     info: item.info,
                     key: item.key,
+                    generate_time: item.generate_time,
                     fields,
                     body: slice.to_vec(),
                 });
@@ -347,6 +357,7 @@ impl Sink {
                     acks: acks.clone(),
                     info: item.info,
                     key: item.key,
+                    generate_time: item.generate_time,
                     bytes: slice.to_vec(),
                 };
                 let at = item
@@ -358,7 +369,8 @@ impl Sink {
                     self.cycle_keys.insert(item.key);
                 }
                 self.out.extend_from_slice(slice);
-                self.cycle.push((acks.clone(), item.info, item.key));
+                self.cycle
+                    .push((acks.clone(), item.info, item.key, item.generate_time));
             }
         }
     }
@@ -378,7 +390,8 @@ impl Sink {
                 self.cycle_keys.insert(held.key);
             }
             self.out.extend_from_slice(&held.bytes);
-            self.cycle.push((held.acks, held.info, held.key));
+            self.cycle
+                .push((held.acks, held.info, held.key, held.generate_time));
         }
     }
 
@@ -394,10 +407,12 @@ impl Sink {
             match result {
                 Ok(()) => {
                     let now = Instant::now();
+                    let now_ms = crate::time::now_ms();
                     self.counters
                         .written
                         .fetch_add(cycle.len() as u64, Ordering::Relaxed);
-                    for (acks, info, key) in cycle {
+                    for (acks, info, key, generate_time) in cycle {
+                        self.status.written_with_delay(generate_time, now_ms);
                         if let Some(window) = self.dedup.as_mut() {
                             window.insert(key, now);
                         }
@@ -406,7 +421,7 @@ impl Sink {
                 }
                 Err(e) => {
                     // Nothing of this cycle is accepted: the cloud sends it again.
-                    for (acks, info, _) in cycle {
+                    for (acks, info, _, _) in cycle {
                         push_ack(&mut self.immediate, &acks, info, false);
                     }
                     self.output_broken = true;
@@ -460,6 +475,7 @@ impl Sink {
                     acks: job.acks,
                     info: job.info,
                     key: job.key,
+                    generate_time: job.generate_time,
                     message_id: job.fields.message_id,
                     result,
                 }
@@ -472,6 +488,7 @@ impl Sink {
             acks,
             info,
             key,
+            generate_time,
             message_id,
             result,
         } = done;
@@ -479,6 +496,8 @@ impl Sink {
         match result {
             Ok(()) => {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
+                self.status
+                    .written_with_delay(generate_time, crate::time::now_ms());
                 if let Some(window) = self.dedup.as_mut() {
                     window.insert(key, Instant::now());
                 }

@@ -124,6 +124,22 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// A short, stable label for metrics (`reconnects by cause`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            LinkError::Dns { .. } => "dns",
+            LinkError::Tcp { .. } => "tcp",
+            LinkError::Tls { .. } => "tls",
+            LinkError::LoginRejected { .. } => "login_rejected",
+            LinkError::RemoteClosed { .. } => "server_closed",
+            LinkError::RemoteClosedCleanly(_) => "server_closed",
+            LinkError::Silent(_) => "silent_peer",
+            LinkError::Timeout { .. } => "timeout",
+            LinkError::Lost(_) => "connection_lost",
+            LinkError::Protocol(_) => "protocol",
+        }
+    }
+
     /// A rejected login: logged as an error, not a warning, but still retried with backoff.
     pub fn is_login_rejected(&self) -> bool {
         matches!(self, LinkError::LoginRejected { .. })
