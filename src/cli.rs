@@ -18,9 +18,22 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
     pub log_level: String,
 
+    /// Log format on stderr: text, or json (one object per line, for log shippers).
+    #[arg(long, global = true, default_value = "text", value_enum)]
+    pub log_format: LogFormat,
+
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Subcommands.

@@ -106,6 +106,8 @@ pub enum SecretSource {
     Env(String),
     /// A file; surrounding whitespace is trimmed. Relative paths are relative to the config file.
     File(PathBuf),
+    /// A systemd credential: the file of that name in `$CREDENTIALS_DIRECTORY` (LoadCredential=).
+    Credential(String),
 }
 
 impl fmt::Debug for SecretSource {
@@ -114,6 +116,7 @@ impl fmt::Debug for SecretSource {
             SecretSource::Inline(_) => f.write_str("Inline(***)"),
             SecretSource::Env(v) => write!(f, "Env({v})"),
             SecretSource::File(p) => write!(f, "File({})", p.display()),
+            SecretSource::Credential(n) => write!(f, "Credential({n})"),
         }
     }
 }
@@ -124,6 +127,7 @@ impl fmt::Display for SecretSource {
             SecretSource::Inline(_) => f.write_str("the config file"),
             SecretSource::Env(v) => write!(f, "environment variable {v}"),
             SecretSource::File(p) => write!(f, "file {}", p.display()),
+            SecretSource::Credential(n) => write!(f, "systemd credential {n}"),
         }
     }
 }
@@ -134,24 +138,31 @@ impl<'de> Deserialize<'de> for SecretSource {
         impl<'de> Visitor<'de> for V {
             type Value = SecretSource;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a string, { env = "VAR" } or { file = "/path" }"#)
+                f.write_str(
+                    r#"a string, { env = "VAR" }, { file = "/path" } or { credential = "NAME" }"#,
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretSource, E> {
                 Ok(SecretSource::Inline(v.to_string()))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
                 let key: String = map.next_key()?.ok_or_else(|| {
-                    de::Error::custom(r#"expected { env = "VAR" } or { file = "/path" }"#)
+                    de::Error::custom(
+                        r#"expected { env = "VAR" }, { file = "/path" } or { credential = "NAME" }"#,
+                    )
                 })?;
                 let value: String = map.next_value()?;
                 if map.next_key::<String>()?.is_some() {
-                    return Err(de::Error::custom("give exactly one of `env` or `file`"));
+                    return Err(de::Error::custom(
+                        "give exactly one of `env`, `file` or `credential`",
+                    ));
                 }
                 match key.as_str() {
                     "env" => Ok(SecretSource::Env(value)),
                     "file" => Ok(SecretSource::File(PathBuf::from(value))),
+                    "credential" => Ok(SecretSource::Credential(value)),
                     other => Err(de::Error::custom(format!(
-                        "unknown key `{other}`; expected `env` or `file`"
+                        "unknown key `{other}`; expected `env`, `file` or `credential`"
                     ))),
                 }
             }
@@ -185,6 +196,8 @@ struct RawProfile {
     access_key_id: Option<SecretSource>,
     access_key_secret: Option<SecretSource>,
     security_token: Option<SecretSource>,
+    credential_command: Option<String>,
+    aliyun_profile: Option<String>,
     #[serde(default, with = "humantime_serde")]
     backoff_initial: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -230,6 +243,8 @@ pub struct Profile {
     pub iot_instance_id: Option<String>,
     /// aksign or ststoken.
     pub auth_mode: AuthMode,
+    /// Whether the profile set `auth_mode` (else a source that yields a token means ststoken).
+    pub auth_mode_explicit: bool,
     /// HMAC for the password.
     pub sign_method: SignMethod,
     /// idle-time-out sent in the Open frame.
@@ -248,6 +263,12 @@ pub struct Profile {
     pub access_key_secret: SecretSource,
     /// Where the STS token comes from (ststoken only).
     pub security_token: Option<SecretSource>,
+    /// A command printing the credentials as JSON (id, secret, token, expiration); replaces
+    /// the three fields above.
+    pub credential_command: Option<String>,
+    /// A profile of the Alibaba Cloud CLI (`~/.aliyun/config.json`, modes AK and StsToken);
+    /// replaces the three fields above.
+    pub aliyun_profile: Option<String>,
     /// First reconnect delay.
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
@@ -451,6 +472,7 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         ));
     }
 
+    let auth_mode_explicit = raw.auth_mode.is_some();
     let auth_mode = match raw.auth_mode {
         None => AuthMode::Aksign,
         Some(s) => s
@@ -517,13 +539,42 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         SecretSource::File(p) => SecretSource::File(relative(p)),
         other => other,
     };
+    let credential_command = non_empty("credential_command", raw.credential_command)?;
+    let aliyun_profile = non_empty("aliyun_profile", raw.aliyun_profile)?;
+    if credential_command.is_some() || aliyun_profile.is_some() {
+        let (this, other) = if credential_command.is_some() {
+            (
+                "credential_command",
+                aliyun_profile.as_ref().map(|_| "aliyun_profile"),
+            )
+        } else {
+            ("aliyun_profile", None)
+        };
+        let clash = other.or(if raw.access_key_id.is_some() {
+            Some("access_key_id")
+        } else if raw.access_key_secret.is_some() {
+            Some("access_key_secret")
+        } else if raw.security_token.is_some() {
+            Some("security_token")
+        } else {
+            None
+        });
+        if let Some(clash) = clash {
+            return Err(ConfigError::field(
+                this,
+                format!("gives all the credentials; remove `{clash}` (or this field)"),
+            ));
+        }
+    }
     let access_key_id = fix(raw
         .access_key_id
         .unwrap_or(SecretSource::Env(ENV_ACCESS_KEY_ID.into())));
     let access_key_secret = fix(raw
         .access_key_secret
         .unwrap_or(SecretSource::Env(ENV_ACCESS_KEY_SECRET.into())));
+    let external = credential_command.is_some() || aliyun_profile.is_some();
     let security_token = match (auth_mode, raw.security_token) {
+        (_, None) if external => None,
         (AuthMode::Ststoken, s) => Some(fix(
             s.unwrap_or(SecretSource::Env(ENV_SECURITY_TOKEN.into()))
         )),
@@ -563,6 +614,7 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         consumer_group_id,
         iot_instance_id,
         auth_mode,
+        auth_mode_explicit,
         sign_method,
         idle_timeout,
         credit,
@@ -572,6 +624,8 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         access_key_id,
         access_key_secret,
         security_token,
+        credential_command,
+        aliyun_profile,
         backoff_initial,
         backoff_max,
     })
@@ -752,6 +806,22 @@ mod tests {
                 .as_deref(),
             Some("access_key_secret")
         );
+        let e = err(&format!(
+            "{MIN}credential_command = \"x\"\naccess_key_id = \"y\""
+        ));
+        assert_eq!(e.field.as_deref(), Some("credential_command"), "{e}");
+        assert!(e.message.contains("remove `access_key_id`"), "{e}");
+        let e = err(&format!(
+            "{MIN}credential_command = \"x\"\naliyun_profile = \"d\""
+        ));
+        assert!(e.message.contains("remove `aliyun_profile`"), "{e}");
+        let p = ok(&format!("{MIN}aliyun_profile = \"default\""));
+        assert_eq!(p.aliyun_profile.as_deref(), Some("default"));
+        assert!(!p.auth_mode_explicit);
+        let p = ok(&format!(
+            "{MIN}access_key_secret = {{ credential = \"ak\" }}"
+        ));
+        assert_eq!(p.access_key_secret, SecretSource::Credential("ak".into()));
     }
 
     #[test]

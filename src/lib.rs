@@ -15,7 +15,7 @@
 //!   `--count`/`--idle-exit`, stdout or `--exec`, `--exec-each`; accepts after output.
 //! - [`supervisor`]: reconnect with backoff, re-signing every attempt.
 //! - [`listen`]: `iot-sub listen`, wiring the above together.
-//! - [`status`]: health and metrics hooks; [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
+//! - [`status`]: health and metrics hooks; [`notify`]: systemd READY/STATUS/WATCHDOG; [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
 //! - [`emulator`], [`emulate`]: a local stand-in for the cloud endpoint (feature `emulator`).
 
 #![forbid(unsafe_code)]
@@ -33,6 +33,7 @@ pub mod exit;
 pub mod format;
 pub mod listen;
 pub mod message;
+pub mod notify;
 pub mod receive;
 pub mod reorder;
 pub mod secret;

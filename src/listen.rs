@@ -104,12 +104,14 @@ pub async fn listen(
     };
 
     // Unreadable credentials at start are a configuration problem; later they are retried.
-    credentials::resolve(&profile).map_err(|e| ConfigError {
-        file: profile.file.clone(),
-        profile: Some(profile.name.clone()),
-        field: Some(e.what.to_string()),
-        message: e.why.clone(),
-    })?;
+    let first = credentials::resolve_fresh(&profile)
+        .await
+        .map_err(|e| ConfigError {
+            file: profile.file.clone(),
+            profile: Some(profile.name.clone()),
+            field: Some(e.what.to_string()),
+            message: e.why.clone(),
+        })?;
     let tls = tls::client_config(profile.ca_file.as_deref(), extra_ca.as_deref()).map_err(|m| {
         ConfigError {
             file: profile.file.clone(),
@@ -121,6 +123,7 @@ pub async fn listen(
 
     let counters = Arc::new(Counters::default());
     let status = Status::new(counters.clone(), profile.connections as usize);
+    crate::notify::spawn(status.clone(), stopper.token());
     let target = match (&options.exec_each, &options.exec) {
         (Some((command, jobs, timeout)), _) => Target::ExecEach {
             command: command.as_str().into(),
@@ -189,7 +192,12 @@ pub async fn listen(
             credit: profile.credit as usize,
             keepalive: profile.idle_timeout / 2,
         };
-        connections.spawn(supervisor::supervise(profile.clone(), endpoint, ctx));
+        connections.spawn(supervisor::supervise(
+            profile.clone(),
+            endpoint,
+            ctx,
+            Some(first.clone()),
+        ));
     }
     drop(to_sink);
 

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use iot_sub::cli::{Cli, Command};
+use iot_sub::cli::{Cli, Command, LogFormat};
 use iot_sub::listen::{self, ListenError, ListenOptions};
 use iot_sub::sink::writer::Writer;
 use iot_sub::stop::Stopper;
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "emulator")]
         Command::Emulate(_) => "fe2o3_amqp=off",
     };
-    init_logging(&cli.log_level, quiet);
+    init_logging(&cli.log_level, cli.log_format, quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -104,7 +104,7 @@ async fn run(cli: Cli) -> u8 {
 
 /// Logs go to stderr (stdout carries data only), without colour unless stderr is a terminal.
 /// `RUST_LOG` wins over `--log-level`; `quiet` directives apply unless the filter names them.
-fn init_logging(level: &str, quiet: &str) {
+fn init_logging(level: &str, format: LogFormat, quiet: &str) {
     let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let mut directives = wanted.clone();
     for d in quiet.split(',') {
@@ -118,10 +118,12 @@ fn init_logging(level: &str, quiet: &str) {
         eprintln!("iot-sub: warning: log filter `{wanted}` is not valid ({e}); using `info`");
         tracing_subscriber::EnvFilter::new(format!("info,{quiet}"))
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
 }

@@ -71,9 +71,13 @@ pub struct PumpContext {
     pub keepalive: Duration,
 }
 
-/// Runs until the run stops (`Ok`) or the connection fails (`Err`: reconnect).
-pub async fn pump(sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkError> {
-    let stop = ctx.stopper.token();
+/// Runs until `stop` (the run's stop, or this connection's retirement) says so (`Ok`), or
+/// the connection fails (`Err`: reconnect).
+pub async fn pump(
+    sub: &mut Subscription,
+    ctx: &PumpContext,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), LinkError> {
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Acks>();
     let mut outstanding = 0usize;
     let mut keepalive = tokio::time::interval(ctx.keepalive);

@@ -290,6 +290,7 @@ pub(super) async fn serve(
         peer,
         deadline,
         idle,
+        login.expires_at,
     )
     .await;
 
@@ -377,6 +378,7 @@ async fn run_open_connection(
     peer: SocketAddr,
     deadline: Instant,
     idle: Duration,
+    token_expires: Option<std::time::SystemTime>,
 ) -> (End, CancellationToken, Tasks) {
     let cfg = &shared.config;
     let link_cancel = CancellationToken::new();
@@ -386,6 +388,14 @@ async fn run_open_connection(
     let mut attached = false;
     let attach_timer = tokio::time::sleep_until(deadline);
     tokio::pin!(attach_timer);
+    // A connection lives no longer than the STS token it logged in with.
+    let expiry = token_expires.map(|at| {
+        Instant::now()
+            + at.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+    });
+    let expiry_timer = tokio::time::sleep_until(expiry.unwrap_or(deadline));
+    tokio::pin!(expiry_timer);
     let period = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(period);
     watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -411,6 +421,14 @@ async fn run_open_connection(
                 break End::Close {
                     condition: ConnectionError::ConnectionForced.into(),
                     description: format!("receiver link not attached within {}", human(cfg.attach_deadline)),
+                    wait: CLOSE_WAIT,
+                };
+            }
+            _ = &mut expiry_timer, if expiry.is_some() => {
+                shared.counters.closed_token_expired.fetch_add(1, Ordering::Relaxed);
+                break End::Close {
+                    condition: definitions::AmqpError::UnauthorizedAccess.into(),
+                    description: "security token expired".into(),
                     wait: CLOSE_WAIT,
                 };
             }

@@ -187,6 +187,8 @@ pub struct Stats {
     pub closed_idle: u64,
     /// Connections closed because no receiver was attached in time.
     pub closed_attach_deadline: u64,
+    /// Connections closed because the STS token they logged in with expired.
+    pub closed_token_expired: u64,
     /// Links refused (a second receiver, or any sender).
     pub refused_links: u64,
 }
@@ -198,6 +200,7 @@ struct Counters {
     logins_failed: Arc<AtomicU64>,
     closed_idle: AtomicU64,
     closed_attach_deadline: AtomicU64,
+    closed_token_expired: AtomicU64,
     refused_links: Arc<AtomicU64>,
 }
 
@@ -338,6 +341,7 @@ impl Emulator {
             in_flight: b.in_flight,
             closed_idle: c.closed_idle.load(Ordering::Relaxed),
             closed_attach_deadline: c.closed_attach_deadline.load(Ordering::Relaxed),
+            closed_token_expired: c.closed_token_expired.load(Ordering::Relaxed),
             refused_links: c.refused_links.load(Ordering::Relaxed),
         }
     }

@@ -25,6 +25,8 @@ pub(crate) struct Login {
     pub auth_id: String,
     pub auth_mode: AuthMode,
     pub sign_method: SignMethod,
+    /// When the STS token this login used expires: the connection is closed then.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Why a login was refused. `reason` never contains the password, secret or token.
@@ -107,6 +109,7 @@ impl Authenticator {
             }
         }
 
+        let mut token_expiry = None;
         let (secret, token) = match auth_mode {
             AuthMode::Aksign => {
                 let secret = self
@@ -149,6 +152,7 @@ impl Authenticator {
                         )));
                     }
                 }
+                token_expiry = sts.expires_at;
                 (&sts.access_key_secret, Some(token))
             }
         };
@@ -166,6 +170,7 @@ impl Authenticator {
             auth_id: auth_id.to_string(),
             auth_mode,
             sign_method,
+            expires_at: token_expiry,
         })
     }
 }
