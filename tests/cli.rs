@@ -63,7 +63,7 @@ fn each_bad_field_gets_its_message_and_exit_78() {
         (
             "access_key_secret = { vault = \"k\" }",
             "access_key_secret",
-            "`env` or `file`",
+            "`env`, `file` or `credential`",
         ),
         ("backoff_max = \"2h\"", "backoff_max", "1h"),
     ];
@@ -187,8 +187,8 @@ fn the_build_has_no_aws_lc_rs() {
 
 #[test]
 fn standalone_emulator_serves_messages_from_a_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let feed = dir.path().join("feed.jsonl");
+    let feed_dir = tempfile::tempdir().unwrap();
+    let feed = feed_dir.path().join("feed.jsonl");
     std::fs::write(
         &feed,
         "{\"topic\":\"/a1F/d1/user/up\",\"messageId\":\"f-1\",\"generateTime\":1700000000001,\"body\":{\"t\":1}}\n\
@@ -196,46 +196,9 @@ fn standalone_emulator_serves_messages_from_a_file() {
          {\"topic\":\"/a1F/d1/user/text\",\"messageId\":\"f-3\",\"body\":\"hello\"}\n",
     )
     .unwrap();
-    let ca = dir.path().join("ca.pem");
-    let mut emulate = Command::new(common::bin());
-    emulate
-        .args([
-            "emulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--rate",
-            "0",
-            "--ca-out",
-        ])
-        .arg(&ca)
-        .arg("--from-file")
-        .arg(&feed)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "file-id")
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "file-secret");
-    let server = Client::spawn(emulate);
-    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
-    let log = server.stderr();
-    let port: u16 = log
-        .split("addr=127.0.0.1:")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("port in {log}"));
-
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
-             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"file-id\"\n"
-        ),
-    )
-    .unwrap();
-    let mut listen = Command::new(common::bin());
-    listen
-        .args(["listen", "--profile", "t", "--count", "3", "--config"])
-        .arg(&config)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "file-secret");
+    let (server, _dir, config) =
+        standalone(&["--rate", "0", "--from-file", feed.to_str().unwrap()], "");
+    let listen = listen_to(&config, &["--count", "3"]);
     let mut client = Client::spawn(listen);
     let lines = client.read_lines(3, Duration::from_secs(20));
     assert!(client.wait(Duration::from_secs(20)).success());
@@ -262,45 +225,8 @@ fn standalone_emulator_serves_messages_from_a_file() {
 
 #[test]
 fn emulate_drops_connections_on_sigusr1_and_the_client_reconnects() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    let mut emulate = Command::new(common::bin());
-    emulate
-        .args([
-            "emulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--rate",
-            "50",
-            "--ca-out",
-        ])
-        .arg(&ca)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "sig-id")
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
-    let server = Client::spawn(emulate);
-    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
-    let log = server.stderr();
-    let port = log
-        .split("addr=127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
-             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"sig-id\"\nbackoff_initial = \"50ms\"\n"
-        ),
-    )
-    .unwrap();
-    let mut listen = Command::new(common::bin());
-    listen
-        .args(["listen", "--profile", "t", "--config"])
-        .arg(&config)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
+    let (server, _dir, config) = standalone(&["--rate", "50"], "backoff_initial = \"50ms\"");
+    let listen = listen_to(&config, &[]);
     let mut client = Client::spawn(listen);
     client.read_lines(5, Duration::from_secs(20));
     server.signal("USR1");
@@ -316,44 +242,8 @@ fn emulate_drops_connections_on_sigusr1_and_the_client_reconnects() {
 fn a_second_signal_exits_at_once_with_130() {
     // stdout is a pipe nobody reads: the first SIGTERM waits for the batch being written;
     // the second must not.
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    let mut emulate = Command::new(common::bin());
-    emulate
-        .args([
-            "emulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--rate",
-            "5000",
-            "--ca-out",
-        ])
-        .arg(&ca)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "sig-id")
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret");
-    let server = Client::spawn(emulate);
-    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
-    let log = server.stderr();
-    let port = log
-        .split("addr=127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
-             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"sig-id\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(common::bin())
-        .args(["listen", "--profile", "t", "--config"])
-        .arg(&config)
-        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sig-secret")
+    let (server, _dir, config) = standalone(&["--rate", "5000"], "");
+    let mut child = listen_to(&config, &[])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -388,4 +278,48 @@ fn a_second_signal_exits_at_once_with_130() {
     };
     assert_eq!(status.code(), Some(130));
     server.signal("INT");
+}
+
+/// `iot-sub emulate` on a free loopback port with the AccessKey `id`/`secret`, and a profile `t`
+/// (in the returned directory) pointing at it with `extra` lines. Returns the server too.
+fn standalone(args: &[&str], extra: &str) -> (Client, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut emulate = Command::new(common::bin());
+    emulate
+        .args(["emulate", "--listen", "127.0.0.1:0", "--ca-out"])
+        .arg(&ca)
+        .args(args)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "sa-id")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sa-secret");
+    let server = Client::spawn(emulate);
+    server.wait_stderr("emulator ready", 1, Duration::from_secs(20));
+    let log = server.stderr();
+    let port: u16 = log
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("port in {log}"));
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.t]\nhost = \"localhost\"\nport = {port}\nca_file = \"ca.pem\"\n\
+             consumer_group_id = \"DEFAULT_GROUP\"\naccess_key_id = \"sa-id\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    (server, dir, config)
+}
+
+/// `iot-sub listen --profile t --config <config> <args>` with the standalone emulator's secret.
+fn listen_to(config: &std::path::Path, args: &[&str]) -> Command {
+    let mut listen = Command::new(common::bin());
+    listen
+        .args(["listen", "--profile", "t", "--config"])
+        .arg(config)
+        .args(args)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sa-secret");
+    listen
 }
