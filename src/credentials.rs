@@ -159,7 +159,7 @@ fn run_command(command: &str) -> Result<Raw, CredentialError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| fail(WHAT, format!("cannot run `{command}`: {e}")))?;
+        .map_err(|e| fail(WHAT, format!("cannot run the command: {e}")))?;
     let mut stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -180,18 +180,18 @@ fn run_command(command: &str) -> Result<Raw, CredentialError> {
                 let _ = child.wait();
                 return Err(fail(
                     WHAT,
-                    format!("`{command}` did not finish within {COMMAND_TIMEOUT:?}"),
+                    format!("the command did not finish within {COMMAND_TIMEOUT:?}"),
                 ));
             }
-            Err(e) => return Err(fail(WHAT, format!("waiting for `{command}`: {e}"))),
+            Err(e) => return Err(fail(WHAT, format!("waiting for the command: {e}"))),
         }
     };
     let out = reader.join().unwrap_or_default();
     if !status.success() {
-        return Err(fail(WHAT, format!("`{command}` exited with {status}")));
+        return Err(fail(WHAT, format!("the command exited with {status}")));
     }
     let json: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| fail(WHAT, format!("`{command}` did not print JSON ({e})")))?;
+        .map_err(|e| fail(WHAT, format!("the command did not print JSON ({e})")))?;
     let obj = json.get("Credentials").unwrap_or(&json);
     let field = |names: &[&str]| -> Option<String> {
         names.iter().find_map(|n| match obj.get(*n) {
@@ -201,18 +201,10 @@ fn run_command(command: &str) -> Result<Raw, CredentialError> {
             _ => None,
         })
     };
-    let id = field(&["id", "access_key_id", "AccessKeyId"]).ok_or_else(|| {
-        fail(
-            WHAT,
-            format!("`{command}` printed no `id` (or AccessKeyId)"),
-        )
-    })?;
-    let secret = field(&["secret", "access_key_secret", "AccessKeySecret"]).ok_or_else(|| {
-        fail(
-            WHAT,
-            format!("`{command}` printed no `secret` (or AccessKeySecret)"),
-        )
-    })?;
+    let id = field(&["id", "access_key_id", "AccessKeyId"])
+        .ok_or_else(|| fail(WHAT, "the command printed no `id` (or AccessKeyId)"))?;
+    let secret = field(&["secret", "access_key_secret", "AccessKeySecret"])
+        .ok_or_else(|| fail(WHAT, "the command printed no `secret` (or AccessKeySecret)"))?;
     let token = field(&["token", "security_token", "SecurityToken"]).map(Secret::new);
     let expires_at = match ["expiration", "Expiration"]
         .iter()
@@ -223,7 +215,7 @@ fn run_command(command: &str) -> Result<Raw, CredentialError> {
             fail(
                 WHAT,
                 format!(
-                    "`{command}` printed an expiration that is not RFC 3339 or epoch seconds: {v}"
+                    "the command printed an expiration that is not RFC 3339 or epoch seconds: {v}"
                 ),
             )
         })?),
