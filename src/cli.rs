@@ -46,6 +46,13 @@ pub enum Command {
     /// Run a local emulator of the Alibaba Cloud IoT AMQP endpoint (no cloud account needed).
     #[cfg(feature = "emulator")]
     Emulate(EmulateArgs),
+    /// Check a profile: config, credentials (masked), then DNS, TCP, TLS, login, open and
+    /// attach, each timed; the exit status names the step that failed.
+    Check(CheckArgs),
+    /// Print a shell completion script to stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout, or write one page per command to a directory.
+    Man(ManArgs),
 }
 
 /// `iot-sub listen`.
@@ -137,6 +144,23 @@ pub struct ListenArgs {
     /// An --exec-each command running longer is killed and its message released.
     #[arg(long, default_value = "20s", value_name = "DURATION", value_parser = humantime::parse_duration, requires = "exec_each", help_heading = "Commands")]
     pub exec_timeout: Duration,
+
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, over HTTP on this
+    /// address (e.g. 127.0.0.1:9464; a bare port means 127.0.0.1). Off unless given.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen, help_heading = "Service")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `--metrics-listen`: `ADDR:PORT`, or a bare port on loopback (another interface only when
+/// named).
+fn parse_metrics_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match s.parse::<u16>() {
+        Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => Err("expected IP:PORT (e.g. 127.0.0.1:9464, [::1]:9464, 0.0.0.0:9464) or a port (on 127.0.0.1)".into()),
+    }
 }
 
 fn parse_dedup_size(s: &str) -> Result<usize, String> {
@@ -264,4 +288,36 @@ pub struct EmulateArgs {
     /// Send messageId as an AMQP long instead of a string.
     #[arg(long)]
     pub message_id_as_long: bool,
+}
+
+/// `iot-sub check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Profile name: a `[profiles.NAME]` table in the config file (`demo` works without one).
+    #[arg(short, long, value_name = "NAME")]
+    pub profile: String,
+
+    /// Config file [default: $IOT_SUB_CONFIG, $XDG_CONFIG_HOME/iot-sub/config.toml, /etc/iot-sub/config.toml].
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print one JSON object instead of the readable step list.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `iot-sub completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `iot-sub man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write iot-sub.1 and one iot-sub-COMMAND.1 per command into this directory instead.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }

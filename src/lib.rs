@@ -15,11 +15,14 @@
 //!   `--count`/`--idle-exit`, stdout or `--exec`, `--exec-each`; accepts after output.
 //! - [`supervisor`]: reconnect with backoff, re-signing every attempt.
 //! - [`listen`]: `iot-sub listen`, wiring the above together.
+//! - [`check`]: `iot-sub check`, each connection step timed; [`generate`]: completions and man pages.
+//! - [`metrics_http`]: `--metrics-listen` (Prometheus `/metrics`, `/healthz`, `/readyz`).
 //! - [`status`]: health and metrics hooks; [`notify`]: systemd READY/STATUS/WATCHDOG; [`stop`]: why a run stops; [`shutdown`]: signals; [`exit`]: exit statuses; [`time`].
 //! - [`emulator`], [`emulate`]: a local stand-in for the cloud endpoint (feature `emulator`).
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod cli;
 pub mod cloud;
 pub mod config;
@@ -31,8 +34,10 @@ pub mod emulate;
 pub mod emulator;
 pub mod exit;
 pub mod format;
+pub mod generate;
 pub mod listen;
 pub mod message;
+pub mod metrics_http;
 pub mod notify;
 pub mod receive;
 pub mod reorder;

@@ -1,6 +1,7 @@
 //! `iot-sub listen`: turns a profile and the command line into N supervised connections
 //! feeding one sink.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub struct ListenOptions {
     pub exec: Option<String>,
     /// `--exec-each`, `--jobs`, `--exec-timeout`.
     pub exec_each: Option<(String, usize, Duration)>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ListenOptions {
@@ -60,6 +63,7 @@ impl Default for ListenOptions {
             reorder: None,
             exec: None,
             exec_each: None,
+            metrics_listen: None,
         }
     }
 }
@@ -123,6 +127,12 @@ pub async fn listen(
 
     let counters = Arc::new(Counters::default());
     let status = Status::new(counters.clone(), profile.connections as usize);
+    if let Some(addr) = options.metrics_listen {
+        let handle = crate::metrics_http::install_recorder()?;
+        let bound =
+            crate::metrics_http::start(addr, handle, status.clone(), stopper.token()).await?;
+        tracing::info!(addr = %bound, "metrics: serving /metrics, /healthz, /readyz");
+    }
     crate::notify::spawn(status.clone(), stopper.token());
     let target = match (&options.exec_each, &options.exec) {
         (Some((command, jobs, timeout)), _) => Target::ExecEach {
@@ -232,7 +242,7 @@ pub async fn listen(
 }
 
 #[cfg(feature = "emulator")]
-mod demo {
+pub(crate) mod demo {
     //! The `demo` profile's embedded emulator with simulated devices.
 
     use std::sync::Arc;

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
         Command::Listen(_) => "fe2o3_amqp=off,iot_sub::emulator=warn",
         #[cfg(feature = "emulator")]
         Command::Emulate(_) => "fe2o3_amqp=off",
+        Command::Check(_) => "fe2o3_amqp=off,iot_sub::emulator=warn",
+        Command::Completions(_) | Command::Man(_) => "fe2o3_amqp=off",
     };
     init_logging(&cli.log_level, cli.log_format, quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -63,6 +65,7 @@ async fn run(cli: Cli) -> u8 {
                 reorder: args.reorder_window,
                 exec: args.exec,
                 exec_each: args.exec_each.map(|c| (c, args.jobs, args.exec_timeout)),
+                metrics_listen: args.metrics_listen,
             };
             let count_given = options.count.is_some();
             let grace = {
@@ -99,6 +102,9 @@ async fn run(cli: Cli) -> u8 {
                 exit::FAILURE
             }
         },
+        Command::Check(args) => iot_sub::check::run(args, stopper.token()).await,
+        Command::Completions(args) => iot_sub::generate::run_completions(&args),
+        Command::Man(args) => iot_sub::generate::run_man(&args),
     }
 }
 

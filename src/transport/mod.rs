@@ -3,6 +3,9 @@
 //!
 //! fe2o3-amqp has no timeouts of its own and leaves Nagle on, so the socket is opened here and
 //! handed to it with `open_with_stream` (TLS is done here too, with rustls on ring).
+//!
+//! Each step is a public function ([`resolve`], [`connect_addrs`], [`tls_connect`],
+//! [`amqp_open`], [`begin_session`], [`attach_receiver`]) so `iot-sub check` can time them.
 
 pub mod tls;
 
@@ -258,27 +261,33 @@ pub async fn connect(
 
 /// Resolves and connects, trying each address, with TCP_NODELAY and keep-alive on.
 pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, LinkError> {
-    let addrs: Vec<SocketAddr> =
-        match timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, port))).await {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(e)) => {
-                return Err(LinkError::Dns {
-                    host: host.to_string(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(LinkError::Timeout {
-                    step: "DNS lookup",
-                    after: DNS_TIMEOUT,
-                })
-            }
-        };
+    let addrs = resolve(host, port).await?;
+    connect_addrs(host, &addrs).await
+}
+
+/// Looks `host` up within [`DNS_TIMEOUT`].
+pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, LinkError> {
+    match timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(a)) => Ok(a.collect()),
+        Ok(Err(e)) => Err(LinkError::Dns {
+            host: host.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(LinkError::Timeout {
+            step: "DNS lookup",
+            after: DNS_TIMEOUT,
+        }),
+    }
+}
+
+/// Connects to the first of `addrs` that accepts, each within [`TCP_CONNECT_TIMEOUT`], with
+/// TCP_NODELAY and keep-alive on. `host` names the lookup when there is no address.
+pub async fn connect_addrs(host: &str, addrs: &[SocketAddr]) -> Result<TcpStream, LinkError> {
     let mut last = LinkError::Dns {
         host: host.to_string(),
         reason: "no addresses".into(),
     };
-    for addr in addrs {
+    for &addr in addrs {
         match timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 // Without NODELAY every credit refill after a disposition waits for the peer's
@@ -307,65 +316,121 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, LinkError> 
     Err(last)
 }
 
+/// TLS, login, open and attach over a connected socket (no deadline of its own).
 async fn handshake(
     endpoint: &Endpoint,
     creds: SaslCredentials,
     tcp: TcpStream,
 ) -> Result<Subscription, LinkError> {
+    let tls = tls_connect(endpoint, tcp).await?;
+    let mut connection = amqp_open(endpoint, creds, tls).await?;
+    let (session, receiver) = begin_and_attach(endpoint, &mut connection).await?;
+    Ok(Subscription {
+        connection,
+        session,
+        receiver,
+        local_idle: local_idle(endpoint),
+    })
+}
+
+/// The TLS stream the AMQP connection runs over.
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The TLS handshake, straight away as Aliyun expects (no AMQP TLS protocol header first),
+/// checking the certificate against `endpoint.host`. No deadline of its own.
+pub async fn tls_connect(endpoint: &Endpoint, tcp: TcpStream) -> Result<TlsStream, LinkError> {
     let server_name = ServerName::try_from(endpoint.host.clone()).map_err(|e| LinkError::Tls {
         host: endpoint.host.clone(),
         reason: e.to_string(),
     })?;
-    // TLS straight away, as Aliyun expects (no AMQP TLS protocol header first).
-    let tls = tokio_rustls::TlsConnector::from(endpoint.tls.clone())
+    tokio_rustls::TlsConnector::from(endpoint.tls.clone())
         .connect(server_name, tcp)
         .await
         .map_err(|e| LinkError::Tls {
             host: endpoint.host.clone(),
             reason: tls_reason(&e),
-        })?;
+        })
+}
 
-    let idle_ms = u32::try_from(endpoint.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+/// SASL PLAIN and the AMQP Open over `io` (the TLS stream, or a wrapper of it). A refused
+/// login is [`LinkError::LoginRejected`]. No deadline of its own.
+pub async fn amqp_open<Io>(
+    endpoint: &Endpoint,
+    creds: SaslCredentials,
+    io: Io,
+) -> Result<ConnectionHandle<()>, LinkError>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     let SaslCredentials { username, password } = creds;
-    let mut connection = Connection::builder()
+    Connection::builder()
         .container_id(endpoint.container_id.clone())
         .hostname(endpoint.host.as_str())
         // fe2o3 puts half of this in the Open frame and uses the whole as its own dead-peer
         // threshold: doubling sends the configured value exactly.
-        .idle_time_out(idle_ms.saturating_mul(2))
+        .idle_time_out(idle_ms(endpoint).saturating_mul(2))
         .max_frame_size(MAX_FRAME_SIZE)
         .sasl_profile(SaslProfile::Plain {
             username,
             password: Secret::expose(&password).to_string(),
         })
-        .open_with_stream(tls)
+        .open_with_stream(io)
         .await
-        .map_err(open_error)?;
+        .map_err(open_error)
+}
 
-    let mut session = match Session::begin(&mut connection).await {
-        Ok(s) => s,
-        Err(e) => return Err(after_open_failure(&mut connection, e.to_string(), idle_ms).await),
-    };
+/// Begins the session and attaches the receiver link. No deadline of its own.
+pub async fn begin_and_attach(
+    endpoint: &Endpoint,
+    connection: &mut ConnectionHandle<()>,
+) -> Result<(SessionHandle<()>, Receiver), LinkError> {
+    let mut session = begin_session(endpoint, connection).await?;
+    let receiver = attach_receiver(endpoint, connection, &mut session).await?;
+    Ok((session, receiver))
+}
+
+/// Begins the session. A server that closes the connection instead (a refused login can look
+/// like that) is reported with the connection's own error. No deadline of its own.
+pub async fn begin_session(
+    endpoint: &Endpoint,
+    connection: &mut ConnectionHandle<()>,
+) -> Result<SessionHandle<()>, LinkError> {
+    match Session::begin(connection).await {
+        Ok(s) => Ok(s),
+        Err(e) => Err(after_open_failure(connection, e.to_string(), idle_ms(endpoint)).await),
+    }
+}
+
+/// Attaches the one receiver link (manual settlement, auto credit). No deadline of its own.
+pub async fn attach_receiver(
+    endpoint: &Endpoint,
+    connection: &mut ConnectionHandle<()>,
+    session: &mut SessionHandle<()>,
+) -> Result<Receiver, LinkError> {
     let receiver = Receiver::builder()
         .name(format!("{}-receiver", endpoint.container_id))
         .source(endpoint.source.as_str())
         .credit_mode(CreditMode::Auto(endpoint.credit))
         .auto_accept(false)
-        .attach(&mut session)
+        .attach(session)
         .await;
-    let receiver = match receiver {
-        Ok(r) => r,
+    match receiver {
+        Ok(r) => Ok(r),
         Err(fe2o3_amqp::link::ReceiverAttachError::RemoteClosedWithError(e)) => {
-            return Err(remote_error("link", &e))
+            Err(remote_error("link", &e))
         }
-        Err(e) => return Err(after_open_failure(&mut connection, e.to_string(), idle_ms).await),
-    };
-    Ok(Subscription {
-        connection,
-        session,
-        receiver,
-        local_idle: Duration::from_millis(u64::from(idle_ms) * 2),
-    })
+        Err(e) => Err(after_open_failure(connection, e.to_string(), idle_ms(endpoint)).await),
+    }
+}
+
+/// The idle-time-out put in the Open frame, in milliseconds.
+fn idle_ms(endpoint: &Endpoint) -> u32 {
+    u32::try_from(endpoint.idle_timeout.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// fe2o3's local dead-peer threshold: twice the idle-time-out sent in the Open frame.
+pub fn local_idle(endpoint: &Endpoint) -> Duration {
+    Duration::from_millis(u64::from(idle_ms(endpoint)) * 2)
 }
 
 /// After begin or attach failed, the connection usually knows the real cause (a Close from the

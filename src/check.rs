@@ -1,0 +1,1039 @@
+//! `iot-sub check`: validates a profile, shows its credentials masked, then connects and
+//! attaches the way `listen` does, one step at a time (DNS, TCP, TLS, SASL, open, attach),
+//! timing each, and closes again. The exit status names the step that failed.
+//!
+//! Nothing secret is printed: the AccessKey secret, the STS token and the password appear only
+//! as [`Secret::masked`] shows them, and the username with its token masked.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::CheckArgs;
+use crate::cloud::alibaba;
+use crate::config::{self, ConfigError, Profile};
+use crate::credentials;
+use crate::exit;
+use crate::secret::Secret;
+use crate::transport::{self, tls, Endpoint, LinkError, ATTACH_DEADLINE, CLOSE_TIMEOUT};
+
+/// The steps, in order, as they are named in the output.
+const STEPS: [&str; 9] = [
+    "config",
+    "credentials",
+    "dns",
+    "tcp",
+    "tls",
+    "sasl",
+    "open",
+    "attach",
+    "close",
+];
+
+/// Said under the SASL step when the login was refused by a close right after Open.
+const NOTE_CLOSE_AFTER_OPEN: &str = "SASL PLAIN went through, then the server closed the \
+    connection right after Open with amqp:unauthorized-access: a refused login can look like \
+    that, so it is reported here";
+
+/// How a step went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// It worked.
+    Ok,
+    /// It failed; the run stopped here.
+    Failed,
+    /// It failed, but the profile works (only the final close).
+    Warning,
+    /// Not run, because an earlier step failed.
+    Skipped,
+}
+
+/// One step of the check.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// config, credentials, emulator, dns, tcp, tls, sasl, open, attach, close.
+    pub step: &'static str,
+    /// How it went.
+    pub status: Status,
+    /// How long it took, in milliseconds to a tenth (`None` when not run).
+    pub ms: Option<f64>,
+    /// What it found, when it worked.
+    pub detail: Option<String>,
+    /// The error, when it failed.
+    pub error: Option<String>,
+    /// What to look at, when it failed.
+    pub hint: Option<String>,
+    /// More about the failure.
+    pub note: Option<String>,
+}
+
+/// Where the check connects to and what it sends.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointInfo {
+    /// Host name (DNS, TLS name).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// The client id (AMQP container id).
+    pub client_id: String,
+    /// Consumer group.
+    pub consumer_group_id: String,
+    /// Instance id, if any.
+    pub iot_instance_id: Option<String>,
+    /// Receiver source address.
+    pub source: String,
+    /// Receiver link credit.
+    pub credit: u32,
+    /// The idle-time-out sent in the Open frame.
+    pub idle_timeout_ms: u64,
+    /// The idle-time-out in the server's Open, when the Open was seen and carried one.
+    pub server_idle_timeout_ms: Option<u32>,
+}
+
+/// The credentials, masked.
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialInfo {
+    /// Where they were read from.
+    pub source: String,
+    /// aksign or ststoken (after resolving).
+    pub auth_mode: String,
+    /// hmacmd5, hmacsha1 or hmacsha256.
+    pub sign_method: String,
+    /// The AccessKey id, in full (it is not a secret).
+    pub access_key_id: String,
+    /// The AccessKey secret, masked.
+    pub access_key_secret: String,
+    /// The STS token, masked, if any.
+    pub security_token: Option<String>,
+    /// The signed SASL username, with the token masked.
+    pub username: String,
+    /// The SASL password, masked.
+    pub password: String,
+}
+
+/// The whole check: what `--json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The profile's name.
+    pub profile: String,
+    /// The config file, if one was read.
+    pub config_file: Option<String>,
+    /// Whether every step passed.
+    pub ok: bool,
+    /// The exit status.
+    pub exit_status: u8,
+    /// The step that failed.
+    pub failed_step: Option<&'static str>,
+    /// Where it connects.
+    pub endpoint: Option<EndpointInfo>,
+    /// The credentials, masked.
+    pub credentials: Option<CredentialInfo>,
+    /// Every step in order, including those not run.
+    pub steps: Vec<StepReport>,
+}
+
+impl Report {
+    fn new(profile: &str) -> Report {
+        Report {
+            profile: profile.to_string(),
+            config_file: None,
+            ok: false,
+            exit_status: exit::FAILURE,
+            failed_step: None,
+            endpoint: None,
+            credentials: None,
+            steps: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, step: &'static str, status: Status, since: Instant) -> &mut StepReport {
+        self.steps.push(StepReport {
+            step,
+            status,
+            ms: Some(ms_since(since)),
+            detail: None,
+            error: None,
+            hint: None,
+            note: None,
+        });
+        self.steps.last_mut().expect("just pushed")
+    }
+
+    fn ok(&mut self, step: &'static str, since: Instant, detail: impl Into<String>) {
+        self.push(step, Status::Ok, since).detail = Some(detail.into());
+    }
+
+    /// Records a failed step and finishes the report with `status`.
+    fn fail(
+        mut self,
+        step: &'static str,
+        since: Instant,
+        error: impl ToString,
+        hint: Option<String>,
+        status: u8,
+    ) -> Report {
+        let s = self.push(step, Status::Failed, since);
+        s.error = Some(error.to_string());
+        s.hint = hint;
+        self.failed_step = Some(step);
+        self.finish(status)
+    }
+
+    /// Lists the steps not run and sets the exit status.
+    fn finish(mut self, status: u8) -> Report {
+        for step in STEPS {
+            if !self.steps.iter().any(|s| s.step == step) {
+                self.steps.push(StepReport {
+                    step,
+                    status: Status::Skipped,
+                    ms: None,
+                    detail: None,
+                    error: None,
+                    hint: None,
+                    note: None,
+                });
+            }
+        }
+        self.steps
+            .sort_by_key(|s| STEPS.iter().position(|&name| name == s.step));
+        self.exit_status = status;
+        self.ok = status == exit::OK;
+        self
+    }
+
+    /// The readable form: the profile, then one line per step, then the result.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let file = self
+            .config_file
+            .as_deref()
+            .map(|f| format!(" in {f}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "Checking profile `{}`{file}", self.profile);
+        let row = |out: &mut String, name: &str, value: &str| {
+            let _ = writeln!(out, "  {name:<18}{value}");
+        };
+        if let Some(e) = &self.endpoint {
+            row(&mut out, "endpoint", &format!("{}:{}", e.host, e.port));
+            row(&mut out, "client id", &e.client_id);
+            row(&mut out, "consumer group", &e.consumer_group_id);
+            row(
+                &mut out,
+                "instance id",
+                e.iot_instance_id.as_deref().unwrap_or("(none)"),
+            );
+            let server = match (self.reached("open"), e.server_idle_timeout_ms) {
+                (false, _) => String::new(),
+                (true, None) => "; the server's Open advertises none".to_string(),
+                (true, Some(ms)) => format!("; the server's Open advertises {ms} ms"),
+            };
+            row(
+                &mut out,
+                "idle-time-out",
+                &format!("{} ms sent in Open{server}", e.idle_timeout_ms),
+            );
+        }
+        if let Some(c) = &self.credentials {
+            row(&mut out, "credentials", &c.source);
+            row(
+                &mut out,
+                "auth",
+                &format!("{}, {}", c.auth_mode, c.sign_method),
+            );
+            row(&mut out, "AccessKey id", &c.access_key_id);
+            row(&mut out, "AccessKey secret", &c.access_key_secret);
+            if let Some(t) = &c.security_token {
+                row(&mut out, "security token", t);
+            }
+            row(&mut out, "username", &c.username);
+            row(&mut out, "password", &c.password);
+        }
+        out.push('\n');
+        for s in &self.steps {
+            let status = match s.status {
+                Status::Ok => "ok",
+                Status::Failed => "FAILED",
+                Status::Warning => "warning",
+                Status::Skipped => "-",
+            };
+            let ms = s.ms.map(|m| format!("{m:.1} ms")).unwrap_or_default();
+            let what = match (&s.error, &s.detail) {
+                (Some(e), _) => e.as_str(),
+                (None, Some(d)) => d.as_str(),
+                (None, None) if s.status == Status::Skipped => "not run",
+                (None, None) => "",
+            };
+            let _ = writeln!(out, "  {status:<8}{:<12}{ms:>8}  {what}", s.step);
+            if let Some(note) = &s.note {
+                let _ = writeln!(out, "{:30}note: {note}", "");
+            }
+            if let Some(hint) = &s.hint {
+                let _ = writeln!(out, "{:30}hint: {hint}", "");
+            }
+        }
+        out.push('\n');
+        match self.failed_step {
+            None if self.ok => {
+                let _ = writeln!(out, "OK: every step passed (exit {})", self.exit_status);
+            }
+            None => {
+                let _ = writeln!(out, "FAILED (exit {})", self.exit_status);
+            }
+            Some(step) => {
+                let _ = writeln!(out, "FAILED at step `{step}` (exit {})", self.exit_status);
+            }
+        }
+        out
+    }
+
+    fn reached(&self, step: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.step == step && s.status == Status::Ok)
+    }
+}
+
+/// Runs `iot-sub check` and prints the report on stdout; returns the exit status. The first
+/// SIGINT/SIGTERM (`stop`) ends it at once with [`exit::INTERRUPTED`].
+pub async fn run(args: CheckArgs, stop: CancellationToken) -> u8 {
+    let report = tokio::select! {
+        report = check(args.config.as_deref(), &args.profile, stop.clone()) => report,
+        _ = stop.cancelled() => {
+            eprintln!("iot-sub: check interrupted");
+            return exit::INTERRUPTED;
+        }
+    };
+    let text = if args.json {
+        let mut line = serde_json::to_string(&report).expect("the report serializes");
+        line.push('\n');
+        line
+    } else {
+        report.render()
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => report.exit_status,
+        // The reader went away (`| head`): the status still says how the check went.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => report.exit_status,
+        Err(e) => {
+            eprintln!("iot-sub: error: cannot write to stdout: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// Checks profile `name` step by step. `stop` ends the demo's embedded emulator, if any.
+pub async fn check(config_file: Option<&Path>, name: &str, stop: CancellationToken) -> Report {
+    let mut report = Report::new(name);
+
+    let t = Instant::now();
+    let profile = match config::load(config_file, name) {
+        Ok(p) => p,
+        Err(e) => {
+            report.config_file = e.file.as_ref().map(|f| f.display().to_string());
+            let hint = Some("fix the named field; the message says what is allowed".into());
+            return report.fail("config", t, e, hint, exit::CONFIG);
+        }
+    };
+    report.config_file = profile.file.as_ref().map(|f| f.display().to_string());
+
+    // The demo profile: start the embedded emulator exactly as `listen` does.
+    #[cfg(feature = "emulator")]
+    let (profile, extra_ca, _demo) = if profile.emulator {
+        let mut profile = profile;
+        match crate::listen::demo::start(&mut profile, stop).await {
+            Ok(demo) => {
+                let ca = Some(demo.ca_pem().to_string());
+                (profile, ca, Some(demo))
+            }
+            Err(e) => {
+                let hint = Some(
+                    "the embedded emulator of the demo profile could not start on loopback".into(),
+                );
+                return report.fail("config", t, format!("{e:#}"), hint, exit::FAILURE);
+            }
+        }
+    } else {
+        (profile, None, None)
+    };
+    #[cfg(not(feature = "emulator"))]
+    let extra_ca: Option<String> = {
+        let _ = stop;
+        if profile.emulator {
+            let hint = Some("build with the default features for the demo profile".into());
+            return report.fail(
+                "config",
+                t,
+                "this build has no emulator (feature `emulator` is off)",
+                hint,
+                exit::CONFIG,
+            );
+        }
+        None
+    };
+
+    let tls_config = match tls::client_config(profile.ca_file.as_deref(), extra_ca.as_deref()) {
+        Ok(c) => c,
+        Err(m) => {
+            let e = config_error(&profile, "ca_file", m);
+            let hint = Some("`ca_file` must be a readable PEM file of certificates".into());
+            return report.fail("config", t, e, hint, exit::CONFIG);
+        }
+    };
+    let endpoint = Endpoint {
+        host: profile.host.clone(),
+        port: profile.port,
+        // As `listen` names its first connection.
+        container_id: if profile.connections == 1 {
+            profile.client_id.clone()
+        } else {
+            format!("{}-1", profile.client_id)
+        },
+        idle_timeout: profile.idle_timeout,
+        credit: profile.credit,
+        source: profile.source.clone(),
+        tls: tls_config,
+    };
+    report.endpoint = Some(EndpointInfo {
+        host: endpoint.host.clone(),
+        port: endpoint.port,
+        client_id: endpoint.container_id.clone(),
+        consumer_group_id: profile.consumer_group_id.clone(),
+        iot_instance_id: profile.iot_instance_id.clone(),
+        source: endpoint.source.clone(),
+        credit: endpoint.credit,
+        idle_timeout_ms: endpoint.idle_timeout.as_millis() as u64,
+        server_idle_timeout_ms: None,
+    });
+    let demo_note = if profile.emulator {
+        " (the demo's embedded emulator)"
+    } else {
+        ""
+    };
+    report.ok("config", t, format!("profile `{name}` is valid{demo_note}"));
+
+    // Credentials: read as `listen` reads them (a credential command may take a while).
+    let t = Instant::now();
+    let resolved = {
+        let profile = profile.clone();
+        tokio::task::spawn_blocking(move || credentials::resolve(&profile)).await
+    };
+    let login = match resolved {
+        Ok(Ok(login)) => login,
+        Ok(Err(e)) => {
+            let err = config_error(&profile, e.what, e.why);
+            let hint = Some("set the variable, file or command the message names".into());
+            return report.fail("credentials", t, err, hint, exit::CONFIG);
+        }
+        Err(e) => {
+            return report.fail(
+                "credentials",
+                t,
+                format!("reading credentials failed: {e}"),
+                None,
+                exit::FAILURE,
+            )
+        }
+    };
+    let creds = alibaba::sign(&login, crate::time::now_ms());
+    report.credentials = Some(CredentialInfo {
+        source: credential_source(&profile),
+        auth_mode: login.auth_mode.to_string(),
+        sign_method: login.sign_method.to_string(),
+        access_key_id: login.access_key_id.clone(),
+        access_key_secret: login.access_key_secret.masked(),
+        security_token: login.security_token.as_ref().map(Secret::masked),
+        username: alibaba::masked_username(&creds.username),
+        password: creds.password.masked(),
+    });
+    report.ok(
+        "credentials",
+        t,
+        format!(
+            "read and signed ({}, {})",
+            login.auth_mode, login.sign_method
+        ),
+    );
+    drop(login);
+
+    connect_steps(report, &endpoint, creds).await
+}
+
+/// DNS, TCP, TLS, SASL, open, attach and close, each timed; stops at the first failure.
+async fn connect_steps(
+    mut report: Report,
+    endpoint: &Endpoint,
+    creds: crate::cloud::SaslCredentials,
+) -> Report {
+    let target = format!("{}:{}", endpoint.host, endpoint.port);
+
+    let t = Instant::now();
+    let addrs = match transport::resolve(&endpoint.host, endpoint.port).await {
+        Ok(a) if a.is_empty() => {
+            let e = LinkError::Dns {
+                host: endpoint.host.clone(),
+                reason: "no addresses".into(),
+            };
+            return report.fail("dns", t, &e, Some(hint_dns(&e)), exit::CHECK_DNS);
+        }
+        Ok(a) => a,
+        Err(e) => return report.fail("dns", t, &e, Some(hint_dns(&e)), exit::CHECK_DNS),
+    };
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    report.ok("dns", t, format!("{} → {}", endpoint.host, list.join(", ")));
+
+    let t = Instant::now();
+    let tcp = match transport::connect_addrs(&endpoint.host, &addrs).await {
+        Ok(s) => s,
+        Err(e) => {
+            let hint = hint_tcp(&e, &target);
+            return report.fail("tcp", t, &e, Some(hint), exit::CHECK_TCP);
+        }
+    };
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| target.clone(), |a| a.to_string());
+    report.ok("tcp", t, format!("connected to {peer}"));
+
+    // TLS through attach share one deadline, as in `listen`.
+    let deadline = tokio::time::Instant::now() + ATTACH_DEADLINE;
+
+    let t = Instant::now();
+    let tls = match within(deadline, transport::tls_connect(endpoint, tcp)).await {
+        Ok(s) => s,
+        Err(e) => return report.fail("tls", t, &e, Some(hint_tls(&e)), exit::CHECK_TLS),
+    };
+    let (_, conn) = tls.get_ref();
+    let version = conn
+        .protocol_version()
+        .map_or_else(|| "TLS".to_string(), |v| format!("{v:?}"));
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!(", {:?}", s.suite()))
+        .unwrap_or_default();
+    report.ok(
+        "tls",
+        t,
+        format!("certificate valid for {}; {version}{suite}", endpoint.host),
+    );
+
+    // SASL and Open happen in one call; the tap sees when the client moves on from SASL to
+    // AMQP (it sends the AMQP protocol header) and keeps the server's first bytes.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let tap = Tap {
+        inner: tls,
+        seen: seen.clone(),
+    };
+    let t_sasl = Instant::now();
+    let opened = within(deadline, transport::amqp_open(endpoint, creds, tap)).await;
+    let sasl_done = lock(&seen).amqp_header_sent;
+    let mut connection = match opened {
+        Ok(c) => c,
+        Err(e) => {
+            return match sasl_done {
+                Some(done) if !e.is_login_rejected() => {
+                    push_ok_between(&mut report, "sasl", t_sasl, done, "PLAIN login accepted");
+                    report.fail("open", done, &e, Some(hint_open(&e)), exit::CHECK_OPEN)
+                }
+                _ => login_failed(report, t_sasl, sasl_done.is_some(), e),
+            }
+        }
+    };
+    let sasl_done = sasl_done.unwrap_or_else(Instant::now);
+    let server_idle = {
+        let mut seen = lock(&seen);
+        seen.capture = false;
+        server_idle_timeout(&std::mem::take(&mut seen.incoming))
+    };
+    if let (Some(info), Some(idle)) = (report.endpoint.as_mut(), server_idle) {
+        info.server_idle_timeout_ms = idle;
+    }
+
+    let session = within(
+        deadline,
+        transport::begin_session(endpoint, &mut connection),
+    )
+    .await;
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) if e.is_login_rejected() => return login_failed(report, t_sasl, true, e),
+        Err(e) => {
+            push_ok_between(
+                &mut report,
+                "sasl",
+                t_sasl,
+                sasl_done,
+                "PLAIN login accepted",
+            );
+            return report.fail("open", sasl_done, &e, Some(hint_open(&e)), exit::CHECK_OPEN);
+        }
+    };
+    push_ok_between(
+        &mut report,
+        "sasl",
+        t_sasl,
+        sasl_done,
+        "PLAIN login accepted",
+    );
+    let advertised = match server_idle {
+        Some(Some(ms)) => format!("the server advertises an idle-time-out of {ms} ms"),
+        Some(None) => "the server advertises no idle-time-out".to_string(),
+        None => "the server's idle-time-out could not be read".to_string(),
+    };
+    report.ok(
+        "open",
+        sasl_done,
+        format!("connection open, session begun; {advertised}"),
+    );
+
+    let t = Instant::now();
+    let attached = within(
+        deadline,
+        transport::attach_receiver(endpoint, &mut connection, &mut session),
+    )
+    .await;
+    let receiver = match attached {
+        Ok(r) => r,
+        Err(e) if e.is_login_rejected() => {
+            // Reported under the login, which is what it is about.
+            report
+                .steps
+                .retain(|s| s.step != "sasl" && s.step != "open");
+            return login_failed(report, t_sasl, true, e);
+        }
+        Err(e) => return report.fail("attach", t, &e, Some(hint_attach(&e)), exit::CHECK_ATTACH),
+    };
+    report.ok(
+        "attach",
+        t,
+        format!(
+            "receiver link on source `{}`, credit {}",
+            endpoint.source, endpoint.credit
+        ),
+    );
+
+    let t = Instant::now();
+    let mut problems = Vec::new();
+    match timeout(CLOSE_TIMEOUT, receiver.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("detach: {e}")),
+        Err(_) => problems.push(format!("detach: no answer within {CLOSE_TIMEOUT:?}")),
+    }
+    match timeout(CLOSE_TIMEOUT, session.end()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("end: {e}")),
+        Err(_) => problems.push(format!("end: no answer within {CLOSE_TIMEOUT:?}")),
+    }
+    match timeout(CLOSE_TIMEOUT, connection.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("close: {e}")),
+        Err(_) => problems.push(format!("close: no answer within {CLOSE_TIMEOUT:?}")),
+    }
+    if problems.is_empty() {
+        report.ok("close", t, "detached, session ended, connection closed");
+    } else {
+        let s = report.push("close", Status::Warning, t);
+        s.error = Some(problems.join("; "));
+        s.note = Some("the subscription works; only the polite close did not".into());
+    }
+    report.finish(exit::OK)
+}
+
+/// The login failed: the SASL step, with a note when it was a close right after Open.
+fn login_failed(report: Report, since: Instant, sasl_passed: bool, e: LinkError) -> Report {
+    let note = (e.is_login_rejected() && sasl_passed).then(|| NOTE_CLOSE_AFTER_OPEN.to_string());
+    let mut report = report.fail("sasl", since, &e, Some(hint_login(&e)), exit::CHECK_LOGIN);
+    if let Some(step) = report.steps.iter_mut().find(|s| s.step == "sasl") {
+        step.note = note;
+    }
+    report
+}
+
+fn push_ok_between(report: &mut Report, step: &'static str, from: Instant, to: Instant, d: &str) {
+    let s = report.push(step, Status::Ok, from);
+    s.ms = Some(millis(to.saturating_duration_since(from)));
+    s.detail = Some(d.to_string());
+}
+
+/// Runs a step under the shared TLS-to-attach deadline.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    step: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout_at(deadline, step).await {
+        Ok(result) => result,
+        Err(_) => Err(LinkError::Timeout {
+            step: "TLS, login, open and attach",
+            after: ATTACH_DEADLINE,
+        }),
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    millis(t.elapsed())
+}
+
+/// Milliseconds, rounded to a tenth.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+fn config_error(profile: &Profile, field: &str, message: String) -> ConfigError {
+    ConfigError {
+        file: profile.file.clone(),
+        profile: Some(profile.name.clone()),
+        field: Some(field.to_string()),
+        message,
+    }
+}
+
+/// Where the credentials come from, in words (never their values).
+fn credential_source(profile: &Profile) -> String {
+    if profile.emulator {
+        return "throwaway key of the embedded emulator".into();
+    }
+    if profile.credential_command.is_some() {
+        return "credential_command".into();
+    }
+    if let Some(name) = &profile.aliyun_profile {
+        return format!("Alibaba Cloud CLI profile `{name}`");
+    }
+    let mut s = format!(
+        "id from {}, secret from {}",
+        profile.access_key_id, profile.access_key_secret
+    );
+    if let Some(token) = &profile.security_token {
+        let _ = write!(s, ", token from {token}");
+    }
+    s
+}
+
+fn hint_dns(e: &LinkError) -> String {
+    match e {
+        LinkError::Timeout { .. } => {
+            "the resolver did not answer in time: check this machine's DNS settings (/etc/resolv.conf) and network".into()
+        }
+        _ => "check `host` (or `iot_instance_id`, or `uid` and `region`, which build it) and this machine's DNS".into(),
+    }
+}
+
+fn hint_tcp(e: &LinkError, target: &str) -> String {
+    match e {
+        LinkError::Tcp { reason, .. } if reason.contains("refused") => format!(
+            "nothing accepts connections at {target}: check `port` (Aliyun uses 5671) and `host`"
+        ),
+        _ => format!(
+            "no answer from {target}: a firewall may block outbound TCP to that port, or `host`/`port` is wrong (Aliyun uses 5671)"
+        ),
+    }
+}
+
+fn hint_tls(e: &LinkError) -> String {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") {
+        "set `ca_file` to the CA that signed the server's certificate (for Aliyun, install the system CA bundle, e.g. `ca-certificates`)".into()
+    } else if text.contains("NotValidForName") {
+        "`host` is not a name in the server's certificate: use the documented host name, not an IP address".into()
+    } else if text.contains("Expired") {
+        "the certificate has expired, or this machine's clock is wrong".into()
+    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
+        "the port does not speak TLS: Aliyun uses TLS on 5671".into()
+    } else if matches!(e, LinkError::Timeout { .. }) {
+        "the server accepted TCP but did not finish TLS in time: wrong port, or a firewall or proxy in the way".into()
+    } else {
+        "check `host`, `port` and `ca_file`".into()
+    }
+}
+
+fn hint_login(e: &LinkError) -> String {
+    match e {
+        LinkError::LoginRejected { .. } => "check the AccessKey id and secret, auth_mode (STS keys start with `STS.` and need ststoken and a token), sign_method, consumer_group_id and iot_instance_id, and that the key may subscribe".into(),
+        LinkError::Timeout { .. } => "the server did not finish the login in time: a firewall or proxy in the way, or not an AMQP endpoint".into(),
+        _ => "the server dropped the connection during the login: check the credentials, and that this is the AMQP endpoint".into(),
+    }
+}
+
+fn hint_open(e: &LinkError) -> String {
+    match e {
+        LinkError::Timeout { .. } => "the server did not answer the Open or Begin in time: a firewall or proxy in the way".into(),
+        _ => "the server closed the connection right after Open: check `idle_timeout` (30s to 300s) and the credentials (AccessKey, consumer_group_id, iot_instance_id)".into(),
+    }
+}
+
+fn hint_attach(e: &LinkError) -> String {
+    match e {
+        LinkError::Timeout { .. } => "the server did not answer the Attach in time: a firewall or proxy in the way, or an overloaded server".into(),
+        _ => "the server refused the receiver link: check consumer_group_id, that the group has a server-side subscription, and that it has room for another client".into(),
+    }
+}
+
+/// What the tap saw on the connection.
+#[derive(Debug)]
+struct Seen {
+    /// When the client sent the AMQP protocol header: SASL is done.
+    amqp_header_sent: Option<Instant>,
+    /// Whether to keep incoming bytes.
+    capture: bool,
+    /// The server's first bytes (SASL frames, then its Open): nothing secret.
+    incoming: Vec<u8>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            amqp_header_sent: None,
+            capture: true,
+            incoming: Vec::new(),
+        }
+    }
+}
+
+/// How much of the server's first bytes the tap keeps.
+const CAPTURE_LIMIT: usize = 16 * 1024;
+/// The AMQP 1.0 protocol header (after SASL's `AMQP\x03\x01\x00\x00`).
+const AMQP_HEADER: &[u8; 8] = b"AMQP\x00\x01\x00\x00";
+
+fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+    seen.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Passes a stream through, noting when the AMQP header goes out and keeping the server's
+/// first bytes. What the client writes (the SASL password among it) is never kept.
+struct Tap<Io> {
+    inner: Io,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl<Io> std::fmt::Debug for Tap<Io> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Tap<Io> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let mut seen = lock(&this.seen);
+            if seen.capture && seen.incoming.len() < CAPTURE_LIMIT {
+                let new = &buf.filled()[before..];
+                let room = CAPTURE_LIMIT - seen.incoming.len();
+                seen.incoming.extend_from_slice(&new[..new.len().min(room)]);
+            }
+        }
+        result
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Tap<Io> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            let mut seen = lock(&this.seen);
+            if seen.amqp_header_sent.is_none()
+                && buf[..n]
+                    .windows(AMQP_HEADER.len())
+                    .any(|w| w == AMQP_HEADER)
+            {
+                seen.amqp_header_sent = Some(Instant::now());
+            }
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The idle-time-out in the server's Open frame, found after the AMQP protocol header in the
+/// server's first bytes: `Some(None)` when the Open carries none, `None` when no Open could
+/// be read.
+fn server_idle_timeout(incoming: &[u8]) -> Option<Option<u32>> {
+    let at = incoming
+        .windows(AMQP_HEADER.len())
+        .position(|w| w == AMQP_HEADER)?;
+    let frame = &incoming[at + AMQP_HEADER.len()..];
+    let size = u32::from_be_bytes(frame.get(0..4)?.try_into().ok()?) as usize;
+    let doff = usize::from(*frame.get(4)?) * 4;
+    if *frame.get(5)? != 0 || doff < 8 || size < doff {
+        return None;
+    }
+    let mut d = Decoder(frame.get(doff..size)?);
+    // The performative: described type `open` (0x10 or amqp:open:list) with a list body.
+    if d.byte()? != 0x00 {
+        return None;
+    }
+    let open = match d.byte()? {
+        0x53 => d.byte()? == 0x10,
+        0x80 => u64::from_be_bytes(d.take(8)?.try_into().ok()?) == 0x10,
+        0xa3 => {
+            let n = usize::from(d.byte()?);
+            d.take(n)? == b"amqp:open:list"
+        }
+        _ => false,
+    };
+    if !open {
+        return None;
+    }
+    let count = match d.byte()? {
+        0x45 => 0,
+        0xc0 => {
+            d.take(1)?;
+            u32::from(d.byte()?)
+        }
+        0xd0 => {
+            d.take(4)?;
+            u32::from_be_bytes(d.take(4)?.try_into().ok()?)
+        }
+        _ => return None,
+    };
+    // container-id, hostname, max-frame-size, channel-max, then idle-time-out.
+    if count < 5 {
+        return Some(None);
+    }
+    for _ in 0..4 {
+        d.skip_value()?;
+    }
+    match d.byte()? {
+        0x40 => Some(None),
+        0x43 => Some(Some(0)),
+        0x52 => Some(Some(u32::from(d.byte()?))),
+        0x70 => Some(Some(u32::from_be_bytes(d.take(4)?.try_into().ok()?))),
+        _ => None,
+    }
+}
+
+/// Reads AMQP 1.0 type-encoded values, just enough to find the Open's idle-time-out.
+struct Decoder<'a>(&'a [u8]);
+
+impl<'a> Decoder<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn length(&mut self, width: usize) -> Option<usize> {
+        let bytes = self.take(width)?;
+        Some(bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b)))
+    }
+
+    /// Skips one value; the constructor's high nibble says how long it is.
+    fn skip_value(&mut self) -> Option<()> {
+        let code = self.byte()?;
+        let skip = match code {
+            0x00 => {
+                self.skip_value()?; // the descriptor
+                return self.skip_value();
+            }
+            0x40..=0x4f => 0,
+            0x50..=0x5f => 1,
+            0x60..=0x6f => 2,
+            0x70..=0x7f => 4,
+            0x80..=0x8f => 8,
+            0x90..=0x9f => 16,
+            0xa0..=0xaf | 0xc0..=0xcf | 0xe0..=0xef => self.length(1)?,
+            0xb0..=0xbf | 0xd0..=0xdf | 0xf0..=0xff => self.length(4)?,
+            _ => return None,
+        };
+        self.take(skip).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's bytes: SASL header and a frame, then the AMQP header and an Open whose
+    /// list holds `fields`.
+    fn server_bytes(count: u8, fields: &[u8]) -> Vec<u8> {
+        let mut body = vec![0x00, 0x53, 0x10, 0xc0, (fields.len() + 1) as u8, count];
+        body.extend_from_slice(fields);
+        let mut out = b"AMQP\x03\x01\x00\x00\x00\x00\x00\x0a\x02\x01\x00\x00\x00\x00".to_vec();
+        out.extend_from_slice(AMQP_HEADER);
+        out.extend_from_slice(&((body.len() + 8) as u32).to_be_bytes());
+        out.extend_from_slice(&[2, 0, 0, 0]);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    const FOUR: &[u8] = &[
+        0xa1, 3, b'e', b'm', b'u', // container-id
+        0x40, // hostname: null
+        0x70, 0, 1, 0, 0, // max-frame-size 65536
+        0x60, 0, 255, // channel-max 255
+    ];
+
+    #[test]
+    fn reads_the_idle_timeout_of_the_servers_open() {
+        let mut fields = FOUR.to_vec();
+        fields.extend_from_slice(&[0x70, 0, 0, 0x75, 0x30]);
+        assert_eq!(
+            server_idle_timeout(&server_bytes(5, &fields)),
+            Some(Some(30_000))
+        );
+        let mut fields = FOUR.to_vec();
+        fields.push(0x40);
+        assert_eq!(server_idle_timeout(&server_bytes(5, &fields)), Some(None));
+        assert_eq!(server_idle_timeout(&server_bytes(4, FOUR)), Some(None));
+    }
+
+    #[test]
+    fn no_open_means_unknown() {
+        assert_eq!(server_idle_timeout(b"AMQP\x03\x01\x00\x00"), None);
+        let bytes = server_bytes(5, FOUR);
+        assert_eq!(server_idle_timeout(&bytes[..bytes.len() - 3]), None);
+    }
+
+    #[test]
+    fn skipped_steps_are_listed_and_the_status_is_the_failed_steps() {
+        let report = Report::new("p").fail("tcp", Instant::now(), "refused", None, 11);
+        let names: Vec<_> = report.steps.iter().map(|s| s.step).collect();
+        assert_eq!(names, STEPS);
+        assert_eq!(report.exit_status, 11);
+        assert!(!report.ok);
+        assert_eq!(report.failed_step, Some("tcp"));
+        assert!(report.render().contains("FAILED at step `tcp` (exit 11)"));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["steps"][3]["status"], "failed");
+        assert_eq!(json["steps"][4]["status"], "skipped");
+    }
+}
