@@ -278,3 +278,28 @@ async fn expiring_sts_credentials_are_rotated_make_before_break_with_nothing_los
         "secrets leaked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_for_log_shippers() {
+    let world = World::start().await;
+    world.emulator.publish(json_message(1));
+    let profile = world.profile("");
+    let mut cmd = listen_cmd(&profile, &["--count", "1", "--log-format", "json"]);
+    cmd.env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", KEY_SECRET);
+    let mut client = Client::spawn(cmd);
+    assert_eq!(client.read_lines(1, T).len(), 1);
+    assert!(client.wait(T).success());
+    let stderr = client.stderr();
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events.len() >= 3, "{stderr}");
+    assert!(events
+        .iter()
+        .all(|e| e["level"].is_string() && e["timestamp"].is_string()));
+    assert!(events
+        .iter()
+        .any(|e| e["fields"]["message"] == "receiver link attached; receiving"));
+    assert!(!stderr.contains('\u{1b}'), "no colour codes");
+}
