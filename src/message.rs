@@ -243,8 +243,10 @@ fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeEr
 
 /// The body as it goes into the output.
 pub enum BodyOut<'a> {
-    /// Embedded JSON (one line).
-    Json(Box<RawValue>),
+    /// Embedded JSON, as received (already one line).
+    Json(&'a RawValue),
+    /// Embedded JSON whose raw line breaks were replaced by spaces.
+    JsonOneLine(Box<RawValue>),
     /// A string.
     Text(&'a str),
     /// Base64 of the bytes.
@@ -256,6 +258,7 @@ impl BodyOut<'_> {
     pub fn as_text(&self) -> &str {
         match self {
             BodyOut::Json(raw) => raw.get(),
+            BodyOut::JsonOneLine(raw) => raw.get(),
             BodyOut::Text(t) => t,
             BodyOut::Base64(b) => b,
         }
@@ -266,6 +269,7 @@ impl Serialize for BodyOut<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             BodyOut::Json(raw) => raw.serialize(s),
+            BodyOut::JsonOneLine(raw) => raw.serialize(s),
             BodyOut::Text(t) => s.serialize_str(t),
             BodyOut::Base64(b) => s.serialize_str(b),
         }
@@ -292,16 +296,14 @@ fn classify_body(bytes: &[u8], mode: BodyMode) -> (BodyEncoding, BodyOut<'_>) {
         _ => return base64(),
     };
     if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
-        // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
-        // escape them), so replacing them by spaces keeps the value and keeps it on one line.
-        let raw = raw.get();
-        let one_line = if raw.contains(['\n', '\r']) {
-            RawValue::from_string(raw.replace(['\n', '\r'], " "))
-        } else {
-            RawValue::from_string(raw.to_string())
-        };
-        if let Ok(raw) = one_line {
+        // Validated once, borrowed as is. Inside valid JSON a raw CR or LF can only be
+        // insignificant whitespace (strings must escape them), so replacing them by spaces
+        // keeps the value and keeps it on one line.
+        if !raw.get().contains(['\n', '\r']) {
             return (BodyEncoding::Json, BodyOut::Json(raw));
+        }
+        if let Ok(one_line) = RawValue::from_string(raw.get().replace(['\n', '\r'], " ")) {
+            return (BodyEncoding::Json, BodyOut::JsonOneLine(one_line));
         }
     }
     (BodyEncoding::Text, BodyOut::Text(text))
