@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{World, KEY_ID, KEY_SECRET};
-use iot_sub::cloud::alibaba::{self, AuthMode, LoginParams, SignMethod};
 use iot_sub::emulator::AuthFailure;
 use iot_sub::secret::Secret;
 
@@ -113,23 +112,10 @@ fn assert_nothing_secret(r: &Run, secret: &str) {
         .and_then(|rest| rest.split(',').next())
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("no signed username shown:\n{}", r.stdout));
-    let password = alibaba::sign(
-        &LoginParams {
-            client_id: "test-client".into(),
-            iot_instance_id: None,
-            consumer_group_id: "DEFAULT_GROUP".into(),
-            auth_mode: AuthMode::Aksign,
-            sign_method: SignMethod::Hmacsha1,
-            access_key_id: KEY_ID.into(),
-            access_key_secret: Secret::new(secret),
-            security_token: None,
-        },
-        ts,
-    )
-    .password;
-    assert!(!all.contains(password.expose()), "password leaked:\n{all}");
+    let password = common::test_password(secret, ts);
+    assert!(!all.contains(&password), "password leaked:\n{all}");
     assert!(
-        r.stdout.contains(&password.masked()),
+        r.stdout.contains(&Secret::new(password.clone()).masked()),
         "the masked password is shown:\n{}",
         r.stdout
     );

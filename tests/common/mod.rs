@@ -312,3 +312,25 @@ impl FreezingProxy {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The password a test profile (client `test-client`, DEFAULT_GROUP, aksign, hmacsha1,
+/// AccessKey `KEY_ID`) sends with `secret` at `timestamp_ms`: tests look for it in the output.
+pub fn test_password(secret: &str, timestamp_ms: u64) -> String {
+    use iot_sub::cloud::alibaba::{self, AuthMode, LoginParams, SignMethod};
+    alibaba::sign(
+        &LoginParams {
+            client_id: "test-client".into(),
+            iot_instance_id: None,
+            consumer_group_id: "DEFAULT_GROUP".into(),
+            auth_mode: AuthMode::Aksign,
+            sign_method: SignMethod::Hmacsha1,
+            access_key_id: KEY_ID.into(),
+            access_key_secret: Secret::new(secret),
+            security_token: None,
+        },
+        timestamp_ms,
+    )
+    .password
+    .expose()
+    .to_string()
+}
