@@ -196,7 +196,7 @@ pub async fn listen(
             stopper: stopper.clone(),
             counters: counters.clone(),
             status: status.clone(),
-            connection: endpoint.container_id.clone(),
+            credit_gauge: Status::credit_gauge(&endpoint.container_id),
             render: render.clone(),
             max_batch: (profile.credit / 2).max(1) as usize,
             credit: profile.credit as usize,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::status::{Status, UNHEALTHY_AFTER};
 
-/// The delay histogram's name (see [`Status::written_with_delay`]).
+/// The delay histogram's name (see [`Status::record_delay`]).
 pub const DELAY_HISTOGRAM: &str = "iot_sub_delivery_delay_seconds";
 
 /// Upper bounds of the delay histogram's buckets, in seconds.

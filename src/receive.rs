@@ -58,8 +58,8 @@ pub struct PumpContext {
     pub counters: Arc<Counters>,
     /// Health and metrics.
     pub status: Arc<Status>,
-    /// This connection's client id (a metrics label).
-    pub connection: String,
+    /// This connection's link credit gauge (labelled with its client id).
+    pub credit_gauge: metrics::Gauge,
     /// Format, filters, keys.
     pub render: Arc<Render>,
     /// Largest batch (credit / 2).
@@ -137,7 +137,7 @@ pub async fn pump(
         ctx.counters
             .received
             .fetch_add(taken as u64, Ordering::Relaxed);
-        ctx.status.credit(&ctx.connection, sub.receiver.credit());
+        ctx.credit_gauge.set(f64::from(sub.receiver.credit()));
         if batch.items.is_empty() {
             continue;
         }

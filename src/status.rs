@@ -73,17 +73,22 @@ impl Status {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
 
-    /// The link credit a connection has left.
-    pub fn credit(&self, connection: &str, credit: u32) {
+    /// The gauge of the link credit `connection` has left. Taken once per connection, after
+    /// an exporter is installed, so the hot path only sets it (no key built per batch).
+    pub fn credit_gauge(connection: &str) -> metrics::Gauge {
         metrics::gauge!("iot_sub_link_credit", "connection" => connection.to_string())
-            .set(f64::from(credit));
+    }
+
+    /// The histogram of delays from generateTime to output; taken once, like the gauge above.
+    pub fn delay_histogram() -> metrics::Histogram {
+        metrics::histogram!("iot_sub_delivery_delay_seconds")
     }
 
     /// A message went out; `generate_time` is its generateTime (ms since the epoch).
-    pub fn written_with_delay(&self, generate_time: Option<i64>, now_ms: u64) {
+    pub fn record_delay(histogram: &metrics::Histogram, generate_time: Option<i64>, now_ms: u64) {
         if let Some(t) = generate_time {
             let delay_ms = (now_ms as i64 - t).max(0) as f64;
-            metrics::histogram!("iot_sub_delivery_delay_seconds").record(delay_ms / 1000.0);
+            histogram.record(delay_ms / 1000.0);
         }
     }
 

@@ -152,7 +152,7 @@ struct Sink {
     last_message: Instant,
     stopper: Arc<Stopper>,
     counters: Arc<Counters>,
-    status: Arc<Status>,
+    delay: metrics::Histogram,
     // The current write cycle: per message its connection, delivery, dedup key, generateTime.
     out: Vec<u8>,
     cycle: Vec<(AckSender, DeliveryInfo, u64, Option<i64>)>,
@@ -194,7 +194,7 @@ pub async fn run(
         last_message: Instant::now(),
         stopper: stopper.clone(),
         counters,
-        status,
+        delay: Status::delay_histogram(),
         out: Vec::with_capacity(64 * 1024),
         cycle: Vec::new(),
         cycle_keys: Default::default(),
@@ -412,7 +412,7 @@ impl Sink {
                         .written
                         .fetch_add(cycle.len() as u64, Ordering::Relaxed);
                     for (acks, info, key, generate_time) in cycle {
-                        self.status.written_with_delay(generate_time, now_ms);
+                        Status::record_delay(&self.delay, generate_time, now_ms);
                         if let Some(window) = self.dedup.as_mut() {
                             window.insert(key, now);
                         }
@@ -496,8 +496,7 @@ impl Sink {
         match result {
             Ok(()) => {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
-                self.status
-                    .written_with_delay(generate_time, crate::time::now_ms());
+                Status::record_delay(&self.delay, generate_time, crate::time::now_ms());
                 if let Some(window) = self.dedup.as_mut() {
                     window.insert(key, Instant::now());
                 }
