@@ -35,6 +35,7 @@ pub mod emulator;
 pub mod exit;
 pub mod format;
 pub mod generate;
+pub mod json;
 pub mod listen;
 pub mod message;
 pub mod metrics_http;

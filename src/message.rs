@@ -13,11 +13,12 @@
 use std::fmt;
 
 use base64::Engine;
+
+use crate::json;
 use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 /// Why a delivery was not turned into a line (it is then rejected, with this as the reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +120,9 @@ pub struct View<'a> {
 /// Reads the schema's fields out of a message, or says why it cannot.
 pub fn decode(message: &Message<Body<Value>>) -> Result<View<'_>, DecodeError> {
     let props = message.application_properties.as_ref().map(|p| &p.0);
-    let get = |key: &str| props.and_then(|p| p.get(key));
+    // A linear scan: a handful of properties, looked up three times, is cheaper than hashing.
+    let get =
+        |key: &str| props.and_then(|p| p.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v));
 
     let topic = match get("topic") {
         Some(SimpleValue::String(s)) => s.as_str(),
@@ -190,22 +193,47 @@ impl View<'_> {
         self.props.and_then(|p| p.get(key))
     }
 
-    /// Appends the JSON line (with its `\n`).
+    /// Appends the JSON line (with its `\n`). Written by hand, key by key, because this is the
+    /// hot path; `tests::hand_written_line_matches_serde` holds it to serde_json's output.
     pub fn write_json(&self, mode: BodyMode, out: &mut Vec<u8>) {
         let (encoding, body) = self.body_out(mode);
-        let line = Line {
-            topic: self.topic,
-            message_id: &self.message_id,
-            generate_time: self.generate_time,
-            product_key: self.product_key,
-            device_name: self.device_name,
-            properties: OtherProperties(self.props),
-            body_encoding: encoding.as_str(),
-            body,
-        };
-        // Writing to a Vec cannot fail, and every value here serializes.
-        let _ = serde_json::to_writer(&mut *out, &line);
-        out.push(b'\n');
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"topic\":");
+        json::quote(out, self.topic);
+        out.extend_from_slice(b",\"messageId\":");
+        json::quote(out, &self.message_id);
+        out.extend_from_slice(b",\"generateTime\":");
+        match self.generate_time {
+            Some(t) => out.extend_from_slice(digits.format(t).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        for (key, value) in [
+            (&b",\"productKey\":"[..], self.product_key),
+            (b",\"deviceName\":", self.device_name),
+        ] {
+            out.extend_from_slice(key);
+            match value {
+                Some(v) => json::quote(out, v),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.extend_from_slice(b",\"properties\":");
+        if self.other_properties().next().is_none() {
+            out.extend_from_slice(b"{}");
+        } else {
+            // Writing to a Vec cannot fail, and every value here serializes.
+            let _ = serde_json::to_writer(&mut *out, &OtherProperties(self.props));
+        }
+        out.extend_from_slice(b",\"bodyEncoding\":\"");
+        out.extend_from_slice(encoding.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"body\":");
+        match &body {
+            BodyOut::Json(raw) => out.extend_from_slice(raw.as_bytes()),
+            BodyOut::JsonOneLine(raw) => out.extend_from_slice(raw.as_bytes()),
+            BodyOut::Text(t) => json::quote(out, t),
+            BodyOut::Base64(b) => json::quote(out, b),
+        }
+        out.extend_from_slice(b"}\n");
     }
 }
 
@@ -243,10 +271,10 @@ fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeEr
 
 /// The body as it goes into the output.
 pub enum BodyOut<'a> {
-    /// Embedded JSON, as received (already one line).
-    Json(&'a RawValue),
-    /// Embedded JSON whose raw line breaks were replaced by spaces.
-    JsonOneLine(Box<RawValue>),
+    /// Embedded JSON, as received (already one line; validated).
+    Json(&'a str),
+    /// Embedded JSON whose raw line breaks were replaced by spaces (validated).
+    JsonOneLine(String),
     /// A string.
     Text(&'a str),
     /// Base64 of the bytes.
@@ -257,21 +285,10 @@ impl BodyOut<'_> {
     /// The body as text: compact JSON, the string itself, or the base64.
     pub fn as_text(&self) -> &str {
         match self {
-            BodyOut::Json(raw) => raw.get(),
-            BodyOut::JsonOneLine(raw) => raw.get(),
+            BodyOut::Json(raw) => raw,
+            BodyOut::JsonOneLine(raw) => raw,
             BodyOut::Text(t) => t,
             BodyOut::Base64(b) => b,
-        }
-    }
-}
-
-impl Serialize for BodyOut<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            BodyOut::Json(raw) => raw.serialize(s),
-            BodyOut::JsonOneLine(raw) => raw.serialize(s),
-            BodyOut::Text(t) => s.serialize_str(t),
-            BodyOut::Base64(b) => s.serialize_str(b),
         }
     }
 }
@@ -283,47 +300,41 @@ fn is_text(text: &str) -> bool {
         .any(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f)
 }
 
+/// Every byte printable ASCII or a tab: then the bytes are text, UTF-8, and hold no line
+/// break, which settles three checks in one pass. Branch-free per chunk so it vectorises.
+fn is_plain_ascii(bytes: &[u8]) -> bool {
+    bytes.chunks(64).all(|chunk| {
+        chunk.iter().fold(0u8, |bad, &b| {
+            bad | (u8::from(b.wrapping_sub(0x20) >= 0x5f) & u8::from(b != b'\t'))
+        }) == 0
+    })
+}
+
 fn classify_body(bytes: &[u8], mode: BodyMode) -> (BodyEncoding, BodyOut<'_>) {
     let base64 = || {
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
         (BodyEncoding::Base64, BodyOut::Base64(b64))
     };
+    let plain = mode != BodyMode::Base64 && is_plain_ascii(bytes);
     let text = match (mode, std::str::from_utf8(bytes)) {
         (BodyMode::Base64, _) | (_, Err(_)) => return base64(),
         (BodyMode::Text, Ok(text)) => return (BodyEncoding::Text, BodyOut::Text(text)),
-        (_, Ok(text)) if is_text(text) => text,
-        (BodyMode::Json, Ok(text)) if serde_json::from_str::<&RawValue>(text).is_ok() => text,
+        (_, Ok(text)) if plain || is_text(text) => text,
+        (BodyMode::Json, Ok(text)) if json::value_span(text).is_some() => text,
         _ => return base64(),
     };
-    if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
-        // Validated once, borrowed as is. Inside valid JSON a raw CR or LF can only be
-        // insignificant whitespace (strings must escape them), so replacing them by spaces
-        // keeps the value and keeps it on one line.
-        if !raw.get().contains(['\n', '\r']) {
+    if let Some(raw) = json::value_span(text) {
+        // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
+        // escape them), so replacing them by spaces keeps the value and keeps it on one line.
+        if plain || !raw.contains(['\n', '\r']) {
             return (BodyEncoding::Json, BodyOut::Json(raw));
         }
-        if let Ok(one_line) = RawValue::from_string(raw.get().replace(['\n', '\r'], " ")) {
-            return (BodyEncoding::Json, BodyOut::JsonOneLine(one_line));
-        }
+        return (
+            BodyEncoding::Json,
+            BodyOut::JsonOneLine(raw.replace(['\n', '\r'], " ")),
+        );
     }
     (BodyEncoding::Text, BodyOut::Text(text))
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    topic: &'a str,
-    #[serde(rename = "messageId")]
-    message_id: &'a str,
-    #[serde(rename = "generateTime")]
-    generate_time: Option<i64>,
-    #[serde(rename = "productKey")]
-    product_key: Option<&'a str>,
-    #[serde(rename = "deviceName")]
-    device_name: Option<&'a str>,
-    properties: OtherProperties<'a>,
-    #[serde(rename = "bodyEncoding")]
-    body_encoding: &'static str,
-    body: BodyOut<'a>,
 }
 
 /// The application properties other than the three schema fields.
@@ -439,6 +450,107 @@ fn type_name(v: &SimpleValue) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The line as serde_json writes it from a struct: the reference for the hand-written one.
+    #[derive(Serialize)]
+    struct Line<'a> {
+        topic: &'a str,
+        #[serde(rename = "messageId")]
+        message_id: &'a str,
+        #[serde(rename = "generateTime")]
+        generate_time: Option<i64>,
+        #[serde(rename = "productKey")]
+        product_key: Option<&'a str>,
+        #[serde(rename = "deviceName")]
+        device_name: Option<&'a str>,
+        properties: OtherProperties<'a>,
+        #[serde(rename = "bodyEncoding")]
+        body_encoding: &'static str,
+        body: Box<serde_json::value::RawValue>,
+    }
+
+    fn reference_line(v: &View<'_>, mode: BodyMode) -> String {
+        let (encoding, body) = v.body_out(mode);
+        let body = match encoding {
+            BodyEncoding::Json => body.as_text().to_string(),
+            _ => serde_json::to_string(body.as_text()).unwrap(),
+        };
+        let line = Line {
+            topic: v.topic,
+            message_id: &v.message_id,
+            generate_time: v.generate_time,
+            product_key: v.product_key,
+            device_name: v.device_name,
+            properties: OtherProperties(v.props),
+            body_encoding: encoding.as_str(),
+            body: serde_json::value::RawValue::from_string(body).unwrap(),
+        };
+        serde_json::to_string(&line).unwrap() + "\n"
+    }
+
+    #[test]
+    fn hand_written_line_matches_serde() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let odd = [
+            "a\"b",
+            "tab\there",
+            "\u{1}",
+            "é✓",
+            "/x/y",
+            "",
+            "back\\slash",
+        ];
+        for i in 0..3_000 {
+            let pick = |rng: &mut fastrand::Rng| odd[rng.usize(..odd.len())].to_string();
+            let topic = match i % 3 {
+                0 => format!(
+                    "/{}/{}/thing/event/property/post",
+                    pick(&mut rng),
+                    pick(&mut rng)
+                ),
+                1 => pick(&mut rng),
+                _ => "/as/mqtt/status/pk/dn".to_string(),
+            };
+            let mut props = vec![
+                ("topic", SimpleValue::String(topic)),
+                (
+                    "messageId",
+                    SimpleValue::String(format!("{}{}", i, pick(&mut rng))),
+                ),
+            ];
+            if rng.bool() {
+                props.push(("generateTime", SimpleValue::Long(rng.i64(..))));
+            }
+            if rng.bool() {
+                props.push(("qos", SimpleValue::Int(rng.i32(..))));
+                props.push((
+                    odd[rng.usize(..odd.len())],
+                    SimpleValue::String(pick(&mut rng)),
+                ));
+            }
+            let bodies: [&[u8]; 6] = [
+                br#"{"a":[1,2.5e3,"x\"y"],"b":null}"#,
+                b"{\r\n \"a\": 1\n}",
+                b"plain text",
+                b"\x00\x01binary\xff",
+                "caf\u{e9} \u{7f}".as_bytes(),
+                b"",
+            ];
+            let body = bodies[rng.usize(..bodies.len())];
+            let m = message(props, data(body));
+            let v = decode(&m).unwrap();
+            for mode in [
+                BodyMode::Auto,
+                BodyMode::Json,
+                BodyMode::Text,
+                BodyMode::Base64,
+            ] {
+                let mut out = Vec::new();
+                v.write_json(mode, &mut out);
+                assert_eq!(String::from_utf8(out).unwrap(), reference_line(&v, mode));
+            }
+        }
+    }
     use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Data, Properties};
     use fe2o3_amqp::types::primitives::Binary;
 
