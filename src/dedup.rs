@@ -4,7 +4,7 @@
 //! costs about 40 bytes an entry whatever the id's length; a false match needs a 64-bit collision.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::time::{Duration, Instant};
 
 /// Default number of ids remembered.
@@ -23,10 +23,35 @@ impl Keyer {
     }
 }
 
+/// Hashes a key to itself: keys are already keyed SipHash outputs, uniformly spread, so
+/// hashing them again in every set that holds them would only cost time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used for keys; anything else still hashes correctly.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A set of keys.
+pub type KeySet = HashSet<u64, BuildHasherDefault<KeyHasher>>;
+
 /// The window of keys already written.
 #[derive(Debug)]
 pub struct Window {
-    keys: HashSet<u64>,
+    keys: KeySet,
     order: VecDeque<(u64, Instant)>,
     size: usize,
     age: Duration,
@@ -36,7 +61,7 @@ impl Window {
     /// Remembers at most `size` ids, each for at most `age`.
     pub fn new(size: usize, age: Duration) -> Self {
         Window {
-            keys: HashSet::with_capacity(size.min(4096)),
+            keys: KeySet::with_capacity_and_hasher(size.min(4096), Default::default()),
             order: VecDeque::with_capacity(size.min(4096)),
             size: size.max(1),
             age,

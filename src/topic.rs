@@ -73,18 +73,34 @@ impl TopicFilters {
 /// `/as/mqtt/status/{pk}/{dn}`, `/sys/{pk}/{dn}/...`, `/{pk}/{packageId}/{jobId}/ota/job/status`
 /// (product only), and `/{pk}/{dn}/...` for the thing, user, ota and other device topics.
 pub fn device_of(topic: &str) -> (Option<&str>, Option<&str>) {
-    let mut levels = topic.split('/');
-    if levels.next() != Some("") {
+    let Some(rest) = topic.strip_prefix('/') else {
         return (None, None);
+    };
+    // The shapes below look at the first six levels at most; `count` is the real number.
+    // Split by hand: this runs for every message, and a `Vec` of levels was most of its cost.
+    let mut levels = [""; 6];
+    let mut count = 0usize;
+    let mut start = 0usize;
+    for (i, byte) in rest.bytes().enumerate() {
+        if byte == b'/' {
+            if count < levels.len() {
+                levels[count] = &rest[start..i];
+            }
+            count += 1;
+            start = i + 1;
+        }
     }
-    let rest: Vec<&str> = levels.collect();
+    if count < levels.len() {
+        levels[count] = &rest[start..];
+    }
+    count += 1;
     fn non_empty(s: &str) -> Option<&str> {
         (!s.is_empty()).then_some(s)
     }
-    match rest.as_slice() {
+    match &levels[..count.min(levels.len())] {
         ["as", "mqtt", "status", pk, dn, ..] => (non_empty(pk), non_empty(dn)),
         ["sys", pk, dn, _, ..] => (non_empty(pk), non_empty(dn)),
-        [pk, _, _, "ota", "job", "status"] => (non_empty(pk), None),
+        [pk, _, _, "ota", "job", "status"] if count == 6 => (non_empty(pk), None),
         [pk, dn, _, ..] => (non_empty(pk), non_empty(dn)),
         _ => (None, None),
     }
@@ -160,6 +176,13 @@ mod tests {
             (Some("a1"), Some("dev1"))
         );
         assert_eq!(device_of("/a1"), (None, None));
+        assert_eq!(device_of("/"), (None, None));
+        assert_eq!(device_of("//x/y"), (None, Some("x")));
+        // Seven levels: not the OTA job shape, which has exactly six.
+        assert_eq!(
+            device_of("/a1/pkg9/job7/ota/job/status/x"),
+            (Some("a1"), Some("pkg9"))
+        );
         assert_eq!(device_of("a1/dev1/x"), (None, None));
         assert_eq!(device_of("//dev/x"), (None, Some("dev")));
     }
