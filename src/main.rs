@@ -75,7 +75,9 @@ async fn run(cli: Cli) -> u8 {
                     tokio::time::sleep(listen::SHUTDOWN_GRACE).await;
                 }
             };
-            let stdout = Writer::Stdout(tokio::io::stdout());
+            let stdout = iot_sub::sink::stdout::StdoutWriter::open();
+            tracing::debug!(mode = stdout.mode(), "writing lines to stdout");
+            let stdout = Writer::Stdout(stdout);
             tokio::select! {
                 result = listen::listen(profile, options, stdout, stopper.clone()) => match result {
                     Ok(reason) => exit::for_stop(&reason, count_given),

@@ -522,3 +522,72 @@ async fn reorder_window_writes_in_generate_time_order() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most 20s"));
 }
+
+/// stdout is written three ways depending on what it is (src/sink/stdout.rs): a file and
+/// /dev/null directly, a pipe with non-blocking writes that wait when it is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_as_a_file_dev_null_and_a_full_pipe_loses_nothing() {
+    let world = World::start().await;
+    // ~1 KiB lines: 600 of them overflow a 64 KiB pipe many times over.
+    let big = |i: usize| DeviceMessage {
+        body: format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(1000)).into_bytes(),
+        ..json_message(i)
+    };
+    const N: usize = 600;
+    for i in 0..N {
+        world.emulator.publish(big(i));
+    }
+    let profile = world.profile("");
+    let run = |stdout: std::process::Stdio, count: usize| {
+        std::process::Command::new(common::bin())
+            .args(["listen", "--config"])
+            .arg(&profile)
+            .args(["--profile", "t", "--count", &count.to_string()])
+            .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", common::KEY_SECRET)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("iot-sub starts")
+    };
+
+    // A regular file.
+    let file = world.dir.path().join("out.jsonl");
+    let out = run(std::fs::File::create(&file).unwrap().into(), 200);
+    let done = out.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let in_file = ids_in_file(&file);
+    assert_eq!(in_file.len(), 200);
+
+    // /dev/null: the accepts are the only trace.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+    let done = run(null.into(), 200).wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(world.emulator.wait_accepted(400, T).await);
+
+    // A pipe nobody reads for a while: writes hit EAGAIN, then resume where they stopped.
+    let mut child = run(std::process::Stdio::piped(), 200);
+    let stdout = child.stdout.take().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        world.emulator.stats().accepted < N as u64,
+        "nothing read yet, so not everything can be accepted"
+    );
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
+    let text = reader.join().unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let mut seen: HashSet<String> = in_file.into_iter().collect();
+    let mut piped = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["body"]["pad"].as_str().map(str::len), Some(1000));
+        seen.insert(v["messageId"].as_str().unwrap().to_string());
+        piped += 1;
+    }
+    assert_eq!(piped, 200);
+    assert!(world.emulator.wait_accepted(N, T).await);
+    // Everything in the file and the pipe, plus the 200 that went to /dev/null.
+    assert_eq!(seen.len(), 400);
+}

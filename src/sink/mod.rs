@@ -4,6 +4,7 @@
 //! sends the accept back to the connection that received it.
 
 pub mod exec_each;
+pub mod stdout;
 pub mod writer;
 
 use std::ops::Range;
@@ -156,10 +157,10 @@ struct Sink {
     // The current write cycle: per message its connection, delivery, dedup key, generateTime.
     out: Vec<u8>,
     cycle: Vec<(AckSender, DeliveryInfo, u64, Option<i64>)>,
-    cycle_keys: std::collections::HashSet<u64>,
+    cycle_keys: dedup::KeySet,
     // Keys of messages held for reordering or queued/running for `--exec-each`: a duplicate
     // arriving meanwhile must not go out a second time.
-    in_progress: std::collections::HashSet<u64>,
+    in_progress: dedup::KeySet,
     immediate: Vec<(AckSender, Acks)>,
     jobs: std::collections::VecDeque<Job>,
     running: JoinSet<Done>,

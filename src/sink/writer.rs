@@ -20,7 +20,7 @@ const CHILD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The output of `iot-sub listen`.
 pub enum Writer {
     /// Standard output.
-    Stdout(tokio::io::Stdout),
+    Stdout(super::stdout::StdoutWriter),
     /// `--exec`: lines go to the child's stdin.
     Exec(Box<ExecChild>),
 }
@@ -31,10 +31,7 @@ impl Writer {
     /// or `shutdown` is cancelled (then `ErrorKind::Interrupted`).
     pub async fn write_batch(&mut self, batch: &[u8]) -> io::Result<()> {
         match self {
-            Writer::Stdout(out) => {
-                out.write_all(batch).await?;
-                out.flush().await
-            }
+            Writer::Stdout(out) => out.write_all(batch).await,
             Writer::Exec(child) => child.write_batch(batch).await,
         }
     }
