@@ -71,6 +71,12 @@ pub struct PumpContext {
     pub keepalive: Duration,
 }
 
+/// Accepts are held back this long at most, so that a connection receiving one message at a
+/// time sends one disposition for several of them instead of one each.
+pub const ACK_DELAY: Duration = Duration::from_millis(10);
+/// ... and sent at once when this many are waiting.
+const ACK_BATCH: usize = 64;
+
 /// Runs until `stop` (the run's stop, or this connection's retirement) says so (`Ok`), or
 /// the connection fails (`Err`: reconnect).
 pub async fn pump(
@@ -79,43 +85,60 @@ pub async fn pump(
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), LinkError> {
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Acks>();
+    // Handed to the sink and not yet back.
     let mut outstanding = 0usize;
-    let mut keepalive = tokio::time::interval(ctx.keepalive);
+    // Settled by the sink (or here), not yet sent to the server.
+    let mut pending = Pending::default();
+    // The keep-alive checks at half its period whether anything was sent in the last half.
+    let mut keepalive = tokio::time::interval(ctx.keepalive / 2);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.reset();
-    let mut settle_here = Acks::default();
+    let mut last_sent = tokio::time::Instant::now();
+    let ack_timer = tokio::time::sleep(ACK_DELAY);
+    tokio::pin!(ack_timer);
+    // The last batch's size, to allocate the next one once.
+    let mut last_batch = (1024usize, 4usize);
 
     'receiving: loop {
         let first = tokio::select! {
             biased;
             _ = stop.cancelled() => break 'receiving,
             Some(acks) = ack_rx.recv() => {
-                outstanding -= settle(sub, acks, ctx).await?;
-                keepalive.reset();
+                outstanding -= pending.add(acks, &mut ack_timer);
+                if pending.len() >= ACK_BATCH || outstanding + pending.len() >= ctx.credit {
+                    pending.send(sub, ctx, &mut last_sent).await?;
+                }
+                continue;
+            }
+            _ = &mut ack_timer, if !pending.is_empty() => {
+                pending.send(sub, ctx, &mut last_sent).await?;
                 continue;
             }
             // Past the credit, wait for the sink's accepts: this keeps what is unsettled, and so
             // memory, bounded by the credit however slow the output is.
-            r = sub.receiver.recv::<Body<Value>>(), if outstanding < ctx.credit => r,
+            r = sub.receiver.recv::<Body<Value>>(), if outstanding + pending.len() < ctx.credit => r,
             _ = keepalive.tick() => {
-                send(sub.receiver.send_properties(), "keep-alive flow").await?;
+                if last_sent.elapsed() >= ctx.keepalive / 2 {
+                    send(sub.receiver.send_properties(), "keep-alive flow").await?;
+                    last_sent = tokio::time::Instant::now();
+                }
                 continue;
             }
         };
 
         let mut batch = Batch {
-            bytes: Vec::with_capacity(16 * 1024),
-            items: Vec::new(),
+            bytes: Vec::with_capacity(last_batch.0.next_power_of_two()),
+            items: Vec::with_capacity(last_batch.1),
             acks: ack_tx.clone(),
         };
+        let had_pending = !pending.is_empty();
         let mut taken = 0usize;
         let mut next = Some(first);
         while let Some(received) = next.take() {
             taken += 1;
             match received {
                 Ok(delivery) => {
-                    if let Some((info, reason)) = take(delivery, &mut batch, &mut settle_here, ctx)
-                    {
+                    if let Some((info, reason)) = take(delivery, &mut batch, &mut pending, ctx) {
                         reject(sub, info, reason, ctx).await?;
                     }
                 }
@@ -127,12 +150,18 @@ pub async fn pump(
                 Err(e) => return Err(recv_error(sub, e).await),
             }
             // Take what is already here without waiting: recv() is cancel-safe.
-            if taken < ctx.max_batch && outstanding + taken < ctx.credit {
+            if taken < ctx.max_batch && outstanding + pending.len() + taken < ctx.credit {
                 next = sub.receiver.recv::<Body<Value>>().now_or_never();
             }
         }
-        if !settle_here.accept.is_empty() {
-            apply(sub, std::mem::take(&mut settle_here), ctx).await?;
+        // Filtered-out deliveries are accepted here, on the same delay.
+        if !had_pending && !pending.is_empty() {
+            ack_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
+        }
+        if pending.len() >= ACK_BATCH {
+            pending.send(sub, ctx, &mut last_sent).await?;
         }
         ctx.counters
             .received
@@ -141,6 +170,7 @@ pub async fn pump(
         if batch.items.is_empty() {
             continue;
         }
+        last_batch = (batch.bytes.len().max(512), batch.items.len());
 
         // Hand the batch over; while the sink is busy (a slow output), keep settling.
         let n = batch.items.len();
@@ -158,7 +188,8 @@ pub async fn pump(
                     Err(_) => break 'receiving,
                 },
                 Some(acks) = ack_rx.recv() => {
-                    outstanding -= settle(sub, acks, ctx).await?;
+                    outstanding -= pending.add(acks, &mut ack_timer);
+                    pending.send(sub, ctx, &mut last_sent).await?;
                     batch = Some(b);
                 }
                 // Stopping: this batch was not handed over and is not accepted.
@@ -171,7 +202,10 @@ pub async fn pump(
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_TIMEOUT;
     while outstanding > 0 {
         tokio::select! {
-            Some(acks) = ack_rx.recv() => outstanding -= settle(sub, acks, ctx).await?,
+            Some(acks) = ack_rx.recv() => {
+                outstanding -= pending.add(acks, &mut ack_timer);
+                pending.send(sub, ctx, &mut last_sent).await?;
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(outstanding, "stopping without the accepts of some messages; they will be redelivered");
                 ctx.status.in_flight_add(-(outstanding as i64));
@@ -179,7 +213,56 @@ pub async fn pump(
             }
         }
     }
+    pending.send(sub, ctx, &mut last_sent).await?;
     Ok(())
+}
+
+/// Dispositions decided but not yet sent; they still count against the credit.
+#[derive(Default)]
+struct Pending {
+    acks: Acks,
+    /// How many of them came from the sink (they leave `in_flight` when sent).
+    from_sink: usize,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.acks.accept.len() + self.acks.release.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the sink's decisions; returns how many deliveries they settle.
+    fn add(&mut self, acks: Acks, timer: &mut std::pin::Pin<&mut tokio::time::Sleep>) -> usize {
+        let n = acks.accept.len() + acks.release.len();
+        if self.is_empty() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
+        }
+        self.acks.accept.extend(acks.accept);
+        self.acks.release.extend(acks.release);
+        self.from_sink += n;
+        n
+    }
+
+    async fn send(
+        &mut self,
+        sub: &mut Subscription,
+        ctx: &PumpContext,
+        last_sent: &mut tokio::time::Instant,
+    ) -> Result<(), LinkError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        apply(sub, std::mem::take(&mut self.acks), ctx).await?;
+        ctx.status
+            .in_flight_add(-(std::mem::take(&mut self.from_sink) as i64));
+        *last_sent = tokio::time::Instant::now();
+        Ok(())
+    }
 }
 
 /// Decodes, filters and renders one delivery into `batch`, or sets it aside to accept here
@@ -187,7 +270,7 @@ pub async fn pump(
 fn take(
     delivery: Delivery<Body<Value>>,
     batch: &mut Batch,
-    settle_here: &mut Acks,
+    pending: &mut Pending,
     ctx: &PumpContext,
 ) -> Option<(DeliveryInfo, String)> {
     let render = &ctx.render;
@@ -200,7 +283,7 @@ fn take(
     };
     if !render.filters.is_empty() && !render.filters.passes(view.topic) {
         ctx.counters.filtered.fetch_add(1, Ordering::Relaxed);
-        settle_here.accept.push(DeliveryInfo::from(&delivery));
+        pending.acks.accept.push(DeliveryInfo::from(&delivery));
         return None;
     }
     let start = batch.bytes.len();
@@ -226,13 +309,6 @@ fn take(
     };
     batch.items.push(item);
     None
-}
-
-/// Settles what the sink decided; returns how many deliveries that was.
-async fn settle(sub: &mut Subscription, acks: Acks, ctx: &PumpContext) -> Result<usize, LinkError> {
-    let n = apply(sub, acks, ctx).await?;
-    ctx.status.in_flight_add(-(n as i64));
-    Ok(n)
 }
 
 /// Settles what the sink (or this loop) decided; returns how many deliveries that was.
