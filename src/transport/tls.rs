@@ -1,4 +1,5 @@
-//! rustls client configuration on the ring provider: system roots plus an optional extra CA.
+//! rustls client configuration on the ring provider: system roots plus an optional extra CA;
+//! and what a failed handshake means, for the hint.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,4 +54,70 @@ pub fn client_config(
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Why a TLS handshake failed, as far as the hint is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsProblem {
+    /// The certificate chain does not lead to a trusted root.
+    UnknownIssuer,
+    /// A trusted root has the issuer's name but did not sign the certificate (e.g. `ca_file`
+    /// is an old copy of a CA that was generated again, such as another emulator's).
+    BadSignature,
+    /// The certificate does not name the host connected to.
+    WrongName,
+    /// The certificate has expired (or the clock is wrong).
+    Expired,
+    /// The certificate is not valid yet (or the clock is wrong).
+    NotYetValid,
+    /// The peer did not speak TLS.
+    NotTls,
+    /// The peer closed the connection during the handshake.
+    ClosedDuringHandshake,
+    /// Anything else.
+    Other,
+}
+
+impl TlsProblem {
+    /// Classifies the error a tokio-rustls handshake returned (rustls's error inside an
+    /// `io::Error`), by variant rather than by its words, which change between versions.
+    pub fn of(e: &std::io::Error) -> TlsProblem {
+        use rustls::{CertificateError as C, Error as R};
+        let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<R>()) else {
+            return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                TlsProblem::ClosedDuringHandshake
+            } else {
+                TlsProblem::Other
+            };
+        };
+        match inner {
+            R::InvalidCertificate(C::UnknownIssuer) => TlsProblem::UnknownIssuer,
+            R::InvalidCertificate(C::BadSignature) => TlsProblem::BadSignature,
+            R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+                TlsProblem::WrongName
+            }
+            R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => TlsProblem::Expired,
+            R::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+                TlsProblem::NotYetValid
+            }
+            R::InvalidMessage(_)
+            | R::InappropriateMessage { .. }
+            | R::InappropriateHandshakeMessage { .. } => TlsProblem::NotTls,
+            _ => TlsProblem::Other,
+        }
+    }
+
+    /// What to do about it, for a log line (empty when there is nothing specific to say).
+    pub fn hint(self) -> &'static str {
+        match self {
+            TlsProblem::UnknownIssuer => "the server's certificate is not signed by a trusted root (set `ca_file` to the CA that signed it)",
+            TlsProblem::BadSignature => "the server's certificate is not signed by the CA of that name that this machine trusts (is `ca_file` an old copy? set it to the CA that signed the server's certificate)",
+            TlsProblem::WrongName => "the certificate does not name this host (check `host`: use the endpoint's documented name, not an IP address or alias)",
+            TlsProblem::Expired => "the server's certificate has expired (or this machine's clock is wrong)",
+            TlsProblem::NotYetValid => "the server's certificate is not valid yet (or this machine's clock is wrong)",
+            TlsProblem::NotTls => "the server did not answer with TLS (check `port`: is this a TLS port? Aliyun uses TLS on 5671)",
+            TlsProblem::ClosedDuringHandshake => "the server closed the connection during the TLS handshake (check `host` and `port`: is this a TLS endpoint?)",
+            TlsProblem::Other => "",
+        }
+    }
 }
