@@ -3,17 +3,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{run, Run, World, KEY_ID, KEY_SECRET};
 use iot_sub::emulator::AuthFailure;
 use iot_sub::secret::Secret;
-
-/// Every run here ends well within this (no test waits on the 10 s attach deadline).
-const T: Duration = Duration::from_secs(20);
 
 const STEPS: [&str; 9] = [
     "config",
