@@ -415,7 +415,8 @@ fn field_error_from_serde(path: &serde_path_to_error::Path, message: &str) -> Co
     let message = one_line(message);
     let path = path.to_string();
     let top = path.split(['.', '[']).next().unwrap_or_default();
-    if SECRET_FIELDS.contains(&top) && !message.starts_with("unknown field") {
+    // "unknown field `x`" and "unknown key `x`" name a key, not the value: kept as they are.
+    if SECRET_FIELDS.contains(&top) && !message.starts_with("unknown") {
         let allowed = if top == "credential_command" {
             "a string (a shell command)"
         } else {
