@@ -47,7 +47,9 @@ impl Fault {
     fn check_hint(self) -> &'static str {
         match self {
             Fault::NoCaFile => "hint: set `ca_file`",
-            Fault::OtherCa => "hint: the certificate is not signed by the CA of that name in `ca_file`",
+            Fault::OtherCa => {
+                "hint: the certificate is not signed by the CA of that name in `ca_file`"
+            }
             Fault::WrongName => "hint: `host` is not a name in the server's certificate",
             Fault::Expired => "hint: the certificate is outside its validity period",
             Fault::PlainAmqp => "hint: the port does not speak TLS: check `port`",
@@ -294,7 +296,11 @@ fn no_profile_field_or_flag_turns_certificate_checks_off() {
                 Some(KEY_SECRET),
                 &[],
             );
-            assert_eq!(r.code, 78, "{command} with `{switch}`:\n{}{}", r.stdout, r.stderr);
+            assert_eq!(
+                r.code, 78,
+                "{command} with `{switch}`:\n{}{}",
+                r.stdout, r.stderr
+            );
             let said = format!("{}{}", r.stdout, r.stderr);
             assert!(
                 said.contains(&format!("unknown field `{field}`")),
@@ -313,7 +319,14 @@ fn no_profile_field_or_flag_turns_certificate_checks_off() {
     std::fs::write(&path, base).unwrap();
     for flag in ["--insecure", "--no-verify", "--tls-verify=false", "-k"] {
         let r = run(
-            &["listen", "--config", config_str(&path), "--profile", "t", flag],
+            &[
+                "listen",
+                "--config",
+                config_str(&path),
+                "--profile",
+                "t",
+                flag,
+            ],
             Some(KEY_SECRET),
             &[],
         );
