@@ -9,20 +9,44 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
 /// Builds the TLS client config: the system's trust store (Mozilla's roots when the system has
-/// none), plus every certificate in `ca_file` and in `extra_pem` (the embedded emulator's CA).
-/// Certificate checks cannot be turned off.
+/// none) plus every certificate in `ca_file`; or, for the embedded emulator of the demo
+/// (`emulator_ca`, its freshly generated CA in PEM), that CA (plus `ca_file`) and no system
+/// root, since nothing but the local emulator is ever its peer. Certificate checks, host name
+/// included, cannot be turned off: there is no verifier here but rustls's own.
 pub fn client_config(
     ca_file: Option<&Path>,
-    extra_pem: Option<&str>,
+    emulator_ca: Option<&str>,
 ) -> Result<Arc<ClientConfig>, String> {
+    let roots = trust_roots(ca_file, emulator_ca)?;
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The trust roots [`client_config`] uses.
+fn trust_roots(ca_file: Option<&Path>, emulator_ca: Option<&str>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A broken certificate in the system store is the system's problem; skip it.
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = emulator_ca {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("embedded CA: {e}"))?;
+            roots.add(cert).map_err(|e| format!("embedded CA: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("embedded CA: no PEM certificate".into());
+        }
+    } else {
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            // A broken certificate in the system store is the system's problem; skip it.
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
     }
     if let Some(path) = ca_file {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
@@ -41,19 +65,7 @@ pub fn client_config(
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         }
     }
-    if let Some(pem) = extra_pem {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| format!("embedded CA: {e}"))?;
-            roots.add(cert).map_err(|e| format!("embedded CA: {e}"))?;
-        }
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(roots)
 }
 
 /// Why a TLS handshake failed, as far as the hint is concerned.
@@ -119,5 +131,25 @@ impl TlsProblem {
             TlsProblem::ClosedDuringHandshake => "the server closed the connection during the TLS handshake (check `host` and `port`: is this a TLS endpoint?)",
             TlsProblem::Other => "",
         }
+    }
+}
+
+#[cfg(all(test, feature = "emulator"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_demo_trusts_its_emulators_ca_and_nothing_else() {
+        let emulator = crate::emulator::Emulator::start(crate::emulator::EmulatorConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let demo = trust_roots(None, Some(emulator.ca_pem())).unwrap();
+        assert_eq!(demo.len(), 1, "the emulator's CA only");
+        let system = trust_roots(None, None).unwrap();
+        assert!(system.len() > 1, "system (or Mozilla) roots otherwise");
+        assert!(trust_roots(None, Some("not a certificate")).is_err());
     }
 }
