@@ -28,7 +28,7 @@ const STS_SECRET: &str = "Ks3Jd8Wq1Zm6Xv0Rb5Tn2Yc7";
 const TOKEN: &str = "CAIS.Tk7Pq2Wz9Lm4Xr1Vb6Nd3Hs8Fg5Jc0Qa";
 
 /// Log settings: arguments, and `RUST_LOG` (`None`: unset, so `--log-level` decides).
-const LOG_SETTINGS: [(&[&str], Option<&str>); 7] = [
+const LOG_SETTINGS: [(&[&str], Option<&str>); 8] = [
     (&["--log-level", "info"], None),
     (&["--log-level", "debug"], None),
     (&["--log-level", "trace"], None),
@@ -40,6 +40,8 @@ const LOG_SETTINGS: [(&[&str], Option<&str>); 7] = [
         Some("trace,fe2o3_amqp=trace,rustls=trace,[negotiate_sasl]=trace"),
     ),
     (&["--log-format", "json"], Some("info,fe2o3_amqp=trace")),
+    // A span directive enables fe2o3's SASL trace even past the default `fe2o3_amqp=off`.
+    (&[], Some("info,[negotiate_sasl]=trace")),
 ];
 
 /// Whose credentials a run uses.
@@ -312,7 +314,7 @@ async fn refused_logins_show_nothing_secret(failure: AuthFailure) {
     let world = World::start_with(config).await;
     let path = profile(&world, &format!("access_key_id = \"{KEY_ID}\""));
     let env = [("ALIBABA_CLOUD_ACCESS_KEY_SECRET", WRONG)];
-    for log in [LOG_SETTINGS[3], LOG_SETTINGS[5], LOG_SETTINGS[6]] {
+    for log in [LOG_SETTINGS[3], LOG_SETTINGS[5], LOG_SETTINGS[7]] {
         let what = format!("{failure:?} {:?} RUST_LOG={:?}", log.0, log.1);
         let mut client = Client::spawn(command(&["listen"], &path, log, &env));
         client.wait_stderr("LOGIN REJECTED", 2, T);
