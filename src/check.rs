@@ -742,19 +742,19 @@ fn hint_tcp(e: &LinkError, target: &str) -> String {
 }
 
 fn hint_tls(e: &LinkError) -> String {
-    let text = e.to_string();
-    if text.contains("UnknownIssuer") {
-        "set `ca_file` to the CA that signed the server's certificate (for Aliyun, install the system CA bundle, e.g. `ca-certificates`)".into()
-    } else if text.contains("NotValidForName") {
-        "`host` is not a name in the server's certificate: use the documented host name, not an IP address".into()
-    } else if text.contains("Expired") {
-        "the certificate has expired, or this machine's clock is wrong".into()
-    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
-        "the port does not speak TLS: Aliyun uses TLS on 5671".into()
-    } else if matches!(e, LinkError::Timeout { .. }) {
-        "the server accepted TCP but did not finish TLS in time: wrong port, or a firewall or proxy in the way".into()
-    } else {
-        "check `host`, `port` and `ca_file`".into()
+    use crate::transport::tls::TlsProblem as P;
+    match e {
+        LinkError::Tls { problem, .. } => match problem {
+            P::UnknownIssuer => "set `ca_file` to the CA that signed the server's certificate (for Aliyun, install the system CA bundle, e.g. `ca-certificates`)".into(),
+            P::BadSignature => "the certificate is not signed by the CA of that name in `ca_file` or the system roots: set `ca_file` to the CA that signed the server's certificate (an old copy of a regenerated CA looks like this)".into(),
+            P::WrongName => "`host` is not a name in the server's certificate: use the documented host name, not an IP address".into(),
+            P::Expired | P::NotYetValid => "the certificate is outside its validity period, or this machine's clock is wrong".into(),
+            P::NotTls => "the port does not speak TLS: check `port` (Aliyun uses TLS on 5671)".into(),
+            P::ClosedDuringHandshake => "the server closed the connection during the TLS handshake: check `host` and `port` (Aliyun uses TLS on 5671)".into(),
+            P::Other => "check `host`, `port` and `ca_file`".into(),
+        },
+        LinkError::Timeout { .. } => "the server accepted TCP but did not finish TLS in time: wrong port, or a firewall or proxy in the way".into(),
+        _ => "check `host`, `port` and `ca_file`".into(),
     }
 }
 

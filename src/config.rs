@@ -172,7 +172,7 @@ impl<'de> Deserialize<'de> for SecretSource {
 }
 
 /// A profile as written in TOML (every field optional; [`validate`] applies defaults).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
     cloud: Option<String>,
@@ -218,8 +218,9 @@ pub enum Cloud {
     Alibaba,
 }
 
-/// A checked profile: everything a subscriber needs except the secrets' values.
-#[derive(Debug, Clone)]
+/// A checked profile: everything a subscriber needs except the secrets' values. Its `Debug`
+/// hides inline secrets and the credential command (which may hold one).
+#[derive(Clone)]
 pub struct Profile {
     /// The profile's name (for logs).
     pub name: String,
@@ -273,6 +274,41 @@ pub struct Profile {
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Profile")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .field("cloud", &self.cloud)
+            .field("emulator", &self.emulator)
+            .field("emulator_rate", &self.emulator_rate)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("consumer_group_id", &self.consumer_group_id)
+            .field("iot_instance_id", &self.iot_instance_id)
+            .field("auth_mode", &self.auth_mode)
+            .field("auth_mode_explicit", &self.auth_mode_explicit)
+            .field("sign_method", &self.sign_method)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("credit", &self.credit)
+            .field("connections", &self.connections)
+            .field("source", &self.source)
+            .field("ca_file", &self.ca_file)
+            .field("access_key_id", &self.access_key_id)
+            .field("access_key_secret", &self.access_key_secret)
+            .field("security_token", &self.security_token)
+            .field(
+                "credential_command",
+                &self.credential_command.as_ref().map(|_| "***"),
+            )
+            .field("aliyun_profile", &self.aliyun_profile)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
 }
 
 /// The config file to read: `--config`, else `IOT_SUB_CONFIG`, else the XDG path, else
@@ -330,7 +366,7 @@ pub fn load(explicit: Option<&Path>, name: &str) -> Result<Profile, ConfigError>
 pub fn parse(text: &str, name: &str, file: Option<&Path>) -> Result<Profile, ConfigError> {
     let whole: RawFile = toml::from_str(text).map_err(|e| ConfigError {
         file: file.map(Path::to_path_buf),
-        ..ConfigError::new(format!("not valid TOML: {}", one_line(&e.to_string())))
+        ..ConfigError::new(toml_syntax_error(text, &e))
     })?;
     let Some(table) = whole.profiles.get(name) else {
         let known: Vec<&str> = whole.profiles.keys().map(String::as_str).collect();
@@ -352,11 +388,47 @@ pub fn parse(text: &str, name: &str, file: Option<&Path>) -> Result<Profile, Con
     validate(raw, name, file).map_err(|e| e.at(file, name))
 }
 
+/// Where the TOML is broken and why, without toml's quote of the line: that line may be
+/// `access_key_secret = "...` with the secret on it.
+fn toml_syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let place = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        format!(" at line {line}, column {column}")
+    });
+    format!(
+        "not valid TOML{}: {} (the line is not quoted: it may hold a secret)",
+        place.unwrap_or_default(),
+        one_line(e.message())
+    )
+}
+
+/// Fields whose values are secret (or may hold one, like a command line): their errors never
+/// quote the value.
+const SECRET_FIELDS: [&str; 3] = ["access_key_secret", "security_token", "credential_command"];
+
 /// serde's message, with the field it is about: the path to the bad value, or for an unknown
-/// field ("unknown field `x`, expected one of ...") the name in backticks.
+/// field ("unknown field `x`, expected one of ...") the name in backticks. A bad value of a
+/// secret field is described without serde's quote of it.
 fn field_error_from_serde(path: &serde_path_to_error::Path, message: &str) -> ConfigError {
     let message = one_line(message);
     let path = path.to_string();
+    let top = path.split(['.', '[']).next().unwrap_or_default();
+    // "unknown field `x`" and "unknown key `x`" name a key, not the value: kept as they are.
+    if SECRET_FIELDS.contains(&top) && !message.starts_with("unknown") {
+        let allowed = if top == "credential_command" {
+            "a string (a shell command)"
+        } else {
+            "a string, { env = \"VAR\" }, { file = \"/path\" } or { credential = \"NAME\" }"
+        };
+        return ConfigError {
+            field: Some(top.to_string()),
+            ..ConfigError::new(format!(
+                "not a valid value (not quoted: it may be secret); allowed: {allowed}"
+            ))
+        };
+    }
     let field = if message.starts_with("unknown field") {
         message.split('`').nth(1).map(str::to_string)
     } else if path != "." && !path.is_empty() {
@@ -843,6 +915,53 @@ mod tests {
         assert_eq!(p.security_token, Some(SecretSource::File("tok".into())));
         assert_eq!(p.client_id, format!("a-{}", std::process::id()));
         assert!(!format!("{:?}", SecretSource::Inline("s3cr3t".into())).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn errors_and_debug_never_show_a_secret() {
+        let secret = "s3cr3t-Zq8vKp2Lw9";
+        // A syntax error on the secret's line: where, not the line itself.
+        let e = parse(
+            &format!("[profiles.p]\n{MIN}access_key_secret = \"{secret}\nport = 1\n"),
+            "p",
+            None,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("not valid TOML at line"), "{e}");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        // A value of the wrong type in a secret field: not quoted.
+        for field in ["access_key_secret", "security_token", "credential_command"] {
+            for value in ["918273645501", "918273645501.5", "[\"s3cr3t-Zq8v\"]"] {
+                let e = err(&format!("{MIN}{field} = {value}\n"));
+                assert_eq!(e.field.as_deref(), Some(field), "{e}");
+                assert!(
+                    !e.to_string().contains("9182736") && !e.to_string().contains("s3cr3t"),
+                    "{e}"
+                );
+            }
+        }
+        // The non-secret fields keep serde's words.
+        let e = err(&format!("{MIN}port = \"x\"\n"));
+        assert!(e.message.contains("invalid type"), "{e}");
+        // Debug: inline secret and token, and a command line holding a secret.
+        let p = ok(&format!(
+            "{MIN}auth_mode = \"ststoken\"\naccess_key_id = \"LTAI\"\n\
+             access_key_secret = \"{secret}\"\nsecurity_token = \"tok-{secret}\"\n"
+        ));
+        let shown = format!("{p:?}");
+        assert!(
+            !shown.contains("s3cr3t") && shown.contains("access_key_secret: Inline(***)"),
+            "{shown}"
+        );
+        let p = ok(&format!(
+            "{MIN}credential_command = \"printf '{{\\\"secret\\\":\\\"{secret}\\\"}}'\"\n"
+        ));
+        assert!(p.credential_command.as_deref().unwrap().contains(secret));
+        let shown = format!("{p:?}");
+        assert!(
+            !shown.contains("s3cr3t") && shown.contains("credential_command: Some(\"***\")"),
+            "{shown}"
+        );
     }
 
     #[test]

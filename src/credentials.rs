@@ -368,6 +368,30 @@ mod tests {
     }
 
     #[test]
+    fn credentials_from_a_command_never_show_in_debug() {
+        let secret = "cmd-secret-Vx7Qm2Rt9Lp4";
+        let token = "CAIS-token-Hd8Nw3Ky6Bz1";
+        let command = format!(
+            r#"echo '{{"id":"STS.dbg","secret":"{secret}","token":"{token}","expiration":"2030-01-02T03:04:05Z"}}'"#
+        );
+        let mut profile = crate::config::parse(
+            "[profiles.p]\nhost = \"h\"\nconsumer_group_id = \"G\"\ncredential_command = \"true\"\n",
+            "p",
+            None,
+        )
+        .unwrap();
+        profile.credential_command = Some(command);
+        let creds = resolve_with_expiry(&profile).unwrap();
+        assert_eq!(creds.login.access_key_secret.expose(), secret);
+        let shown = format!("{creds:?} {:?}", creds.login);
+        assert!(
+            !shown.contains("cmd-secret") && !shown.contains("CAIS-token"),
+            "{shown}"
+        );
+        assert!(shown.contains("STS.dbg"), "{shown}");
+    }
+
+    #[test]
     fn command_failures_are_clear_and_never_show_output() {
         let e = run_command("echo '{\"secret\":\"hush\"}'").err().unwrap();
         assert!(e.why.contains("no `id`") && !e.why.contains("hush"), "{e}");

@@ -110,9 +110,35 @@ async fn run(cli: Cli) -> u8 {
     }
 }
 
+/// Event targets that can carry a credential, dropped whatever the log filter says:
+/// fe2o3-amqp's client SASL negotiation traces every SASL frame it sends (`sending = Init {
+/// .. initial_response: [0, ..] }`), and the PLAIN initial response is the username (with any
+/// STS token) and the password. Its SASL profile and the acceptor's SASL side are dropped too.
+const NEVER_LOGGED: [&str; 3] = [
+    "fe2o3_amqp::connection::builder",
+    "fe2o3_amqp::sasl_profile",
+    "fe2o3_amqp::acceptor::sasl_acceptor",
+];
+
+/// Whether an event or span from `target` may be logged at all.
+fn may_log(target: &str) -> bool {
+    !NEVER_LOGGED.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// Logs go to stderr (stdout carries data only), without colour unless stderr is a terminal.
 /// `RUST_LOG` wins over `--log-level`; `quiet` directives apply unless the filter names them.
+/// [`NEVER_LOGGED`] targets are dropped by a second filter that no directive can override
+/// (not even a span directive such as `[negotiate_sasl]=trace`).
 fn init_logging(level: &str, format: LogFormat, quiet: &str) {
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let mut directives = wanted.clone();
     for d in quiet.split(',') {
@@ -126,12 +152,29 @@ fn init_logging(level: &str, format: LogFormat, quiet: &str) {
         eprintln!("iot-sub: warning: log filter `{wanted}` is not valid ({e}); using `info`");
         tracing_subscriber::EnvFilter::new(format!("info,{quiet}"))
     });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = filter.and(filter_fn(|meta| may_log(meta.target())));
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    match format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().with_current_span(false).init(),
+    let logs = match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => logs.json().with_current_span(false).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_log;
+
+    #[test]
+    fn sasl_targets_are_never_logged() {
+        assert!(!may_log("fe2o3_amqp::connection::builder"));
+        assert!(!may_log("fe2o3_amqp::sasl_profile::scram"));
+        assert!(may_log("fe2o3_amqp::connection::builderx"));
+        assert!(may_log("fe2o3_amqp::connection::engine"));
+        assert!(may_log("iot_sub::supervisor"));
     }
 }

@@ -20,13 +20,12 @@ impl Secret {
         &self.0
     }
 
-    /// A masked form for `check` output: the first 3 characters, then `***`.
+    /// A masked form for `check` output: whether it is set and how long, no character of it.
     pub fn masked(&self) -> String {
-        let head: String = self.0.chars().take(3).collect();
-        if self.0.chars().count() <= 6 {
-            "***".to_string()
-        } else {
-            format!("{head}***")
+        match self.0.chars().count() {
+            0 => "not set".to_string(),
+            1 => "*** (1 char)".to_string(),
+            n => format!("*** ({n} chars)"),
         }
     }
 }
@@ -64,8 +63,10 @@ mod tests {
         let s = Secret::new("hunter2-very-secret");
         assert_eq!(format!("{s:?}"), "Secret(***)");
         assert_eq!(format!("{s}"), "***");
-        assert_eq!(s.masked(), "hun***");
-        assert_eq!(Secret::new("short").masked(), "***");
+        assert_eq!(s.masked(), "*** (19 chars)");
+        assert!(!s.masked().contains("hun"), "no part of the value");
+        assert_eq!(Secret::new("x").masked(), "*** (1 char)");
+        assert_eq!(Secret::default().masked(), "not set");
         assert_eq!(s.expose(), "hunter2-very-secret");
     }
 }

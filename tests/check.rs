@@ -3,17 +3,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{World, KEY_ID, KEY_SECRET};
+use common::{run, Run, World, KEY_ID, KEY_SECRET};
 use iot_sub::emulator::AuthFailure;
 use iot_sub::secret::Secret;
-
-/// Every run here ends well within this (no test waits on the 10 s attach deadline).
-const T: Duration = Duration::from_secs(20);
 
 const STEPS: [&str; 9] = [
     "config",
@@ -26,63 +21,6 @@ const STEPS: [&str; 9] = [
     "attach",
     "close",
 ];
-
-/// What a run printed and how it ended.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `iot-sub <args>` with the secret (if any) in the environment, within [`T`].
-fn run(args: &[&str], secret: Option<&str>, env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(common::bin());
-    cmd.args(args)
-        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_ID")
-        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
-        .env_remove("ALIBABA_CLOUD_SECURITY_TOKEN")
-        .env_remove("IOT_SUB_CONFIG")
-        .env("RUST_LOG", "info");
-    if let Some(secret) = secret {
-        cmd.env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", secret);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("iot-sub starts");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).unwrap();
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).unwrap();
-        s
-    });
-    let deadline = Instant::now() + T;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("iot-sub {args:?} did not exit within {T:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
 
 /// `iot-sub check --config <config> --profile t <extra>`.
 fn check(config: &Path, extra: &[&str], secret: &str) -> Run {
@@ -149,7 +87,7 @@ async fn a_good_profile_passes_every_step_with_its_time_and_prints_no_secret() {
     assert!(r.stdout.contains("OK: every step passed (exit 0)"));
     assert!(r.stdout.contains(&format!("AccessKey id      {KEY_ID}")));
     assert!(
-        r.stdout.contains("AccessKey secret  tes***"),
+        r.stdout.contains("AccessKey secret  *** (22 chars)"),
         "{}",
         r.stdout
     );
@@ -209,29 +147,6 @@ async fn a_wrong_secret_refused_by_a_close_after_open_fails_the_login_step_with_
         "{}",
         r.stdout
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_untrusted_certificate_fails_the_tls_step_with_the_ca_file_hint() {
-    let world = World::start().await;
-    let config = world.profile("");
-    let text: String = std::fs::read_to_string(&config)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with("ca_file"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&config, text).unwrap();
-    let r = check(&config, &[], KEY_SECRET);
-    assert_eq!(r.code, 12, "{}\n{}", r.stdout, r.stderr);
-    let line = step_line(&r.stdout, "tls");
-    assert!(
-        line.contains("FAILED") && line.contains("UnknownIssuer"),
-        "{line}"
-    );
-    assert!(r.stdout.contains("hint: set `ca_file`"), "{}", r.stdout);
-    assert!(step_line(&r.stdout, "sasl").contains("not run"));
-    assert_eq!(world.emulator.stats().logins_failed, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +251,7 @@ async fn json_output_has_every_step_and_the_servers_idle_timeout() {
     assert_eq!(v["endpoint"]["idle_timeout_ms"], 60_000);
     assert_eq!(v["endpoint"]["server_idle_timeout_ms"], 45_000);
     assert_eq!(v["credentials"]["access_key_id"], KEY_ID);
-    assert_eq!(v["credentials"]["access_key_secret"], "tes***");
+    assert_eq!(v["credentials"]["access_key_secret"], "*** (22 chars)");
     let steps = v["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
     assert_eq!(names, STEPS);

@@ -416,32 +416,6 @@ async fn inline_secret_in_a_readable_file_draws_a_warning() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untrusted_certificate_is_refused_with_a_hint() {
-    let world = World::start().await;
-    world.emulator.publish(json_message(1));
-    // No ca_file: the emulator's CA is not a trusted root.
-    let config = world.profile("backoff_initial = \"100ms\"");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("ca_file"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&config, text).unwrap();
-    let mut client = Client::listen(&config, &[]);
-    client.wait_stderr("TLS handshake with localhost failed", 2, T);
-    client.signal("TERM");
-    assert!(client.wait(T).success());
-    let stderr = client.stderr();
-    assert!(
-        stderr.contains("UnknownIssuer") && stderr.contains("set `ca_file`"),
-        "{stderr}"
-    );
-    assert_eq!(world.emulator.stats().accepted, 0);
-    assert_eq!(world.emulator.stats().transfers_sent, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_is_given_up_on_within_the_deadline() {
     // Accepts TCP and then says nothing: without deadlines the client would hang forever.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

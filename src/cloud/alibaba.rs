@@ -382,6 +382,19 @@ mod tests {
     }
 
     #[test]
+    fn debug_of_login_params_and_sasl_credentials_shows_no_secret() {
+        let p = params(AuthMode::Ststoken, SignMethod::Hmacsha256);
+        let c = sign(&p, 1700000000000);
+        let password = c.password.expose().to_string();
+        for shown in [format!("{p:?}"), format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!shown.contains("secretExample"), "{shown}");
+            assert!(!shown.contains("CAIS.token"), "{shown}");
+            assert!(!shown.contains(&password[..8]), "{shown}");
+            assert!(shown.contains("STS.NTexample"), "{shown}");
+        }
+    }
+
+    #[test]
     fn sign_method_parsing_is_case_insensitive() {
         assert_eq!(
             "Hmacsha1".parse::<SignMethod>().unwrap(),

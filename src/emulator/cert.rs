@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use rcgen::{
@@ -19,8 +20,12 @@ pub(crate) struct TlsIdentity {
     pub server_config: Arc<rustls::ServerConfig>,
 }
 
-/// Generates a CA and a leaf for `hostname` (plus the loopback addresses) signed by it.
-pub(crate) fn generate(hostname: &str) -> anyhow::Result<TlsIdentity> {
+/// Generates a CA and a leaf for `hostname` (plus the loopback addresses) signed by it, the
+/// leaf valid for `validity` (not before, not after) when given.
+pub(crate) fn generate(
+    hostname: &str,
+    validity: Option<(SystemTime, SystemTime)>,
+) -> anyhow::Result<TlsIdentity> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -54,6 +59,10 @@ pub(crate) fn generate(hostname: &str) -> anyhow::Result<TlsIdentity> {
     leaf.use_authority_key_identifier_extension = true;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    if let Some((not_before, not_after)) = validity {
+        leaf.not_before = not_before.into();
+        leaf.not_after = not_after.into();
+    }
     let leaf_key = KeyPair::generate().context("generating the server key")?;
     let leaf_cert = leaf
         .signed_by(&leaf_key, &issuer)

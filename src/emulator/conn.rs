@@ -128,7 +128,10 @@ pub(super) async fn serve(
             return;
         }
         r = tokio::time::timeout_at(deadline, shared.tls.accept(tcp)) => match r {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                shared.counters.tls_established.fetch_add(1, Ordering::Relaxed);
+                s
+            }
             Ok(Err(e)) => {
                 tracing::warn!(conn = id, %peer, error = %e, "TLS handshake failed (plain TCP is not served)");
                 return;

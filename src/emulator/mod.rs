@@ -55,8 +55,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct EmulatorConfig {
     /// Listen address; tests use `127.0.0.1:0`.
     pub bind: SocketAddr,
-    /// The server certificate's DNS name (SAN); `127.0.0.1` and `::1` are always added.
+    /// The server certificate's DNS name (SAN); `127.0.0.1` and `::1` are always added, so a
+    /// client connecting by another name (e.g. `localhost`) meets a certificate not naming it.
     pub tls_hostname: String,
+    /// The server certificate's validity window (not before, not after); `None`: rcgen's
+    /// default, 1975 to 4096. A window in the past makes an expired certificate.
+    pub tls_validity: Option<(SystemTime, SystemTime)>,
     /// Accepted (AccessKey id, AccessKey secret) pairs for `authMode=aksign`.
     pub access_keys: Vec<(String, Secret)>,
     /// Accepted STS credentials for `authMode=ststoken`.
@@ -89,6 +93,7 @@ impl Default for EmulatorConfig {
         EmulatorConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 5671)),
             tls_hostname: "localhost".to_string(),
+            tls_validity: None,
             access_keys: Vec::new(),
             sts_tokens: Vec::new(),
             consumer_group_id: None,
@@ -165,6 +170,8 @@ pub enum Drop {
 pub struct Stats {
     /// TCP connections accepted (before TLS).
     pub connections_accepted: u64,
+    /// TLS handshakes completed (SASL can only start after one).
+    pub tls_established: u64,
     /// Logins refused (in either `AuthFailure` form).
     pub logins_failed: u64,
     /// Connections past login, Open checks and admission, now open.
@@ -197,6 +204,7 @@ pub struct Stats {
 #[derive(Default)]
 struct Counters {
     connections_accepted: AtomicU64,
+    tls_established: AtomicU64,
     logins_failed: Arc<AtomicU64>,
     closed_idle: AtomicU64,
     closed_attach_deadline: AtomicU64,
@@ -252,7 +260,7 @@ impl fmt::Debug for Emulator {
 impl Emulator {
     /// Binds, generates a CA and server certificate, and spawns the accept loop.
     pub async fn start(config: EmulatorConfig) -> anyhow::Result<Emulator> {
-        let identity = cert::generate(&config.tls_hostname)?;
+        let identity = cert::generate(&config.tls_hostname, config.tls_validity)?;
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("binding the emulator to {}", config.bind))?;
@@ -330,6 +338,7 @@ impl Emulator {
         let live = self.shared.registry().live;
         Stats {
             connections_accepted: c.connections_accepted.load(Ordering::Relaxed),
+            tls_established: c.tls_established.load(Ordering::Relaxed),
             logins_failed: c.logins_failed.load(Ordering::Relaxed),
             live_connections: live,
             transfers_sent: b.transfers_sent,

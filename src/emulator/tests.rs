@@ -976,3 +976,12 @@ async fn standalone_writes_the_ca_and_stops_on_cancel() {
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
     assert!(!pem.contains("PRIVATE KEY"));
 }
+
+#[test]
+fn config_debug_shows_no_secret_or_token() {
+    let shown = format!("{:?} {:#?}", config(), config());
+    for secret in [AK_SECRET, STS_SECRET, STS_TOKEN] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains(AK_ID) && shown.contains(STS_ID), "{shown}");
+}

@@ -85,8 +85,10 @@ pub enum LinkError {
     Tls {
         /// Server name checked.
         host: String,
-        /// rustls's words.
+        /// rustls's words, and the hint.
         reason: String,
+        /// What kind of failure.
+        problem: tls::TlsProblem,
     },
     /// The server refused the login.
     #[error("login rejected by the server ({detail}); check the AccessKey id and secret, auth_mode, sign_method, consumer_group_id and iot_instance_id")]
@@ -342,13 +344,22 @@ pub async fn tls_connect(endpoint: &Endpoint, tcp: TcpStream) -> Result<TlsStrea
     let server_name = ServerName::try_from(endpoint.host.clone()).map_err(|e| LinkError::Tls {
         host: endpoint.host.clone(),
         reason: e.to_string(),
+        problem: tls::TlsProblem::Other,
     })?;
     tokio_rustls::TlsConnector::from(endpoint.tls.clone())
         .connect(server_name, tcp)
         .await
-        .map_err(|e| LinkError::Tls {
-            host: endpoint.host.clone(),
-            reason: tls_reason(&e),
+        .map_err(|e| {
+            let problem = tls::TlsProblem::of(&e);
+            let reason = match problem.hint() {
+                "" => e.to_string(),
+                hint => format!("{e}; {hint}"),
+            };
+            LinkError::Tls {
+                host: endpoint.host.clone(),
+                reason,
+                problem,
+            }
         })
 }
 
@@ -461,21 +472,4 @@ fn open_error(e: fe2o3_amqp::connection::OpenError) -> LinkError {
         )),
         other => LinkError::Protocol(other.to_string()),
     }
-}
-
-/// rustls's error, with a hint for the failures users hit.
-fn tls_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    let hint = if text.contains("UnknownIssuer") {
-        "; the server's certificate is not signed by a trusted root (set `ca_file` to the CA that signed it)"
-    } else if text.contains("NotValidForName") {
-        "; the certificate does not name this host (check `host`)"
-    } else if text.contains("Expired") {
-        "; the server's certificate has expired (or this machine's clock is wrong)"
-    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
-        "; the server did not answer with TLS (is this a TLS port?)"
-    } else {
-        ""
-    };
-    format!("{text}{hint}")
 }

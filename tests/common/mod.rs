@@ -334,3 +334,69 @@ pub fn test_password(secret: &str, timestamp_ms: u64) -> String {
     .expose()
     .to_string()
 }
+
+/// What a run printed and how it ended.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `iot-sub <args>` to the end (within 20 s) with the secret (if any) in the environment
+/// and no other credential variables.
+pub fn run(args: &[&str], secret: Option<&str>, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_ID")
+        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+        .env_remove("ALIBABA_CLOUD_SECURITY_TOKEN")
+        .env_remove("IOT_SUB_CONFIG")
+        .env("RUST_LOG", "info");
+    if let Some(secret) = secret {
+        cmd.env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", secret);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_to_end(cmd)
+}
+
+/// Runs `cmd` to the end (within 20 s), collecting stdout and stderr.
+pub fn run_to_end(mut cmd: Command) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("iot-sub starts");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    let within = Duration::from_secs(20);
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Its arguments only: `Command`'s Debug would show the environment, secrets included.
+            let args: Vec<_> = cmd.get_args().collect();
+            panic!("iot-sub {args:?} did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
