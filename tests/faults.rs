@@ -410,6 +410,14 @@ async fn emulator_killed_and_restarted_on_the_same_port_loses_nothing() {
         // Whatever the dead emulator recorded as accepted must already be in the output (the
         // reader of the pipe may lag a moment behind the client's writes).
         let recorded = journal_ids(dir.path());
+        assert!(
+            recorded.len() < N,
+            "{case}: kill {k} came after the transfer"
+        );
+        eprintln!(
+            "{case}: killed the emulator with {} of {N} accepted",
+            recorded.len()
+        );
         let deadline = Instant::now() + T;
         loop {
             output.extend(client.lines_so_far());
@@ -434,6 +442,9 @@ async fn emulator_killed_and_restarted_on_the_same_port_loses_nothing() {
     }
     let output = stop_and_collect(&mut client, output);
     emulator.process.signal("INT");
+    let stderr = client.stderr();
+    let totals = stderr.lines().rfind(|l| l.contains("duplicates="));
+    eprintln!("{case}: {}", totals.unwrap_or("no totals line"));
     assert_zero_loss(
         &case,
         &message_ids(&messages),
@@ -889,13 +900,14 @@ async fn sigterm_at_random_moments_exits_cleanly_and_loses_nothing() {
     let world = World::start().await;
     let profile = world.profile("");
     let emulator = Arc::new(world.emulator);
-    let messages: Vec<DeviceMessage> = (0..40_000).map(|i| message(7, i)).collect();
+    let messages: Vec<DeviceMessage> = (0..100_000).map(|i| message(7, i)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    // 1000 messages a second, before, during and between the runs.
+    // About 4000 messages a second, before, during and between the runs, so that a signal
+    // often finds a batch being written and accepted.
     let producer = trickle(
         emulator.clone(),
         messages.clone(),
-        10,
+        40,
         Duration::from_millis(10),
         stop.clone(),
     );
