@@ -830,8 +830,11 @@ async fn slow_and_stalled_stdout_holds_the_credit_bounds_memory_and_loses_nothin
     // Slow: 3 ms a line, far below the link's pace.
     assert!(emulator.wait_accepted(100, T).await, "{}", client.stderr());
     let rss_early = rss_kib(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut rss_most = rss_kib(pid);
+    let mut rss_most = rss_early;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss_most = rss_most.max(rss_kib(pid));
+    }
 
     // Stalled: nothing is read. The pipe fills, the client stops, and so does the emulator.
     pace.store(STALLED, Ordering::Relaxed);
