@@ -260,6 +260,18 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "FILE")]
     pub from_file: Option<PathBuf>,
 
+    /// Append the messageId of every accepted message to FILE, one per line, as it is
+    /// accepted; at start, messages of --from-file already listed there are not sent again,
+    /// so an emulator killed and restarted with the same files resumes like the cloud would.
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+
+    /// Keep the TLS identity (CA certificate, server certificate and key) in FILE: created
+    /// with mode 0600 on first start, reused by later starts with the same --tls-hostname, so
+    /// clients that trust --ca-out keep trusting a restarted emulator.
+    #[arg(long, value_name = "FILE")]
+    pub keep_identity: Option<PathBuf>,
+
     /// How a bad login is refused.
     #[arg(long, value_enum, default_value = "sasl")]
     pub auth_failure: AuthFailureArg,

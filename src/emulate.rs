@@ -35,6 +35,8 @@ pub async fn run(args: EmulateArgs, shutdown: CancellationToken) -> anyhow::Resu
         redelivery_delay: args.redelivery_delay,
         advertised_idle_timeout: args.advertise_idle_timeout,
         message_id_as_long: args.message_id_as_long,
+        accept_journal: args.journal,
+        keep_identity: args.keep_identity,
         ..EmulatorConfig::default()
     };
     emulator::run_standalone(

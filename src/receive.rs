@@ -119,7 +119,8 @@ pub async fn pump(
             r = sub.receiver.recv::<Body<Value>>(), if outstanding + pending.len() < ctx.credit => r,
             _ = keepalive.tick() => {
                 if last_sent.elapsed() >= ctx.keepalive / 2 {
-                    send(sub.receiver.send_properties(), "keep-alive flow").await?;
+                    let sent = send(sub.receiver.send_properties(), "keep-alive flow").await;
+                    explained(sub, sent).await?;
                     last_sent = tokio::time::Instant::now();
                 }
                 continue;
@@ -315,13 +316,15 @@ fn take(
 async fn apply(sub: &mut Subscription, acks: Acks, ctx: &PumpContext) -> Result<usize, LinkError> {
     let (accepted, released) = (acks.accept.len(), acks.release.len());
     if accepted > 0 {
-        send(sub.receiver.accept_all(acks.accept), "accept").await?;
+        let sent = send(sub.receiver.accept_all(acks.accept), "accept").await;
+        explained(sub, sent).await?;
         ctx.counters
             .accepted
             .fetch_add(accepted as u64, Ordering::Relaxed);
     }
     if released > 0 {
-        send(sub.receiver.release_all(acks.release), "release").await?;
+        let sent = send(sub.receiver.release_all(acks.release), "release").await;
+        explained(sub, sent).await?;
     }
     Ok(accepted + released)
 }
@@ -333,7 +336,8 @@ async fn reject(
     ctx: &PumpContext,
 ) -> Result<(), LinkError> {
     let error = definitions::Error::new(definitions::AmqpError::DecodeError, Some(reason), None);
-    send(sub.receiver.reject(info, Some(error)), "reject").await?;
+    let sent = send(sub.receiver.reject(info, Some(error)), "reject").await;
+    explained(sub, sent).await?;
     ctx.counters.rejected.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -350,6 +354,15 @@ async fn send<E: std::fmt::Display>(
             step: what,
             after: SEND_TIMEOUT,
         }),
+    }
+}
+
+/// A settle or flow that failed because the connection went reports why it went (e.g. the
+/// server's close condition and description, verbatim), not the side effect on the link.
+async fn explained(sub: &mut Subscription, sent: Result<(), LinkError>) -> Result<(), LinkError> {
+    match sent {
+        Err(LinkError::Lost(what)) => Err(sub.cause().await.unwrap_or(LinkError::Lost(what))),
+        other => other,
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ids, json_message, Client, World};
+use common::{ids, json_message, rss_kib, Client, World};
 use iot_sub::emulator::DeviceMessage;
 
 const T: Duration = Duration::from_secs(30);
@@ -21,17 +21,6 @@ fn ids_in_file(path: &Path) -> Vec<String> {
             v["messageId"].as_str().unwrap().to_string()
         })
         .collect()
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {

@@ -1,10 +1,13 @@
 //! The consumer group's message store: the ready queue, delayed redeliveries, the in-flight
-//! table, and the accounting (accepted ids, transfer counts, outcome counters).
+//! table, and the accounting (accepted ids, transfer counts, outcome counters, and the
+//! optional accept journal).
 //!
 //! Invariant: every published message is, at any moment, in exactly one of ready, delayed,
 //! in flight (one or more copies) or accepted. Nothing here ever drops a message.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -94,10 +97,13 @@ pub(crate) struct Backlog {
     space: Notify,
     accepted_tx: watch::Sender<u64>,
     redelivery_delay: Duration,
+    // Each newly accepted messageId is appended here as one line, written straight to the
+    // file (no user-space buffer), so it survives the emulator being killed.
+    journal: Option<Mutex<File>>,
 }
 
 impl Backlog {
-    pub fn new(redelivery_delay: Duration) -> Self {
+    pub fn new(redelivery_delay: Duration, journal: Option<File>) -> Self {
         let (accepted_tx, _) = watch::channel(0);
         Backlog {
             inner: Mutex::new(Inner {
@@ -119,6 +125,7 @@ impl Backlog {
             space: Notify::new(),
             accepted_tx,
             redelivery_delay,
+            journal: journal.map(Mutex::new),
         }
     }
 
@@ -198,10 +205,18 @@ impl Backlog {
 
     /// Applies the outcome of delivery `seq`. Unknown or already settled `seq`s are ignored.
     pub fn settle(&self, seq: u64, how: Settled) {
-        let requeued = {
+        let (requeued, newly_accepted) = {
             let mut g = self.lock();
-            g.settle(seq, how, self.redelivery_delay)
+            let before = g.counters.accepted;
+            let requeued = g.settle(seq, how, self.redelivery_delay);
+            let newly = (g.counters.accepted > before)
+                .then(|| g.accepted_ids.back().cloned())
+                .flatten();
+            (requeued, newly)
         };
+        if let Some(id) = newly_accepted {
+            self.record_in_journal(&id);
+        }
         if how == Settled::Accepted {
             let n = self.lock().counters.accepted;
             self.accepted_tx.send_replace(n);
@@ -232,6 +247,17 @@ impl Backlog {
         };
         if requeued {
             self.work.notify_waiters();
+        }
+    }
+
+    fn record_in_journal(&self, id: &str) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let mut file = journal.lock().unwrap_or_else(|p| p.into_inner());
+        // One write per line: with O_APPEND it lands whole even if the process dies next.
+        if let Err(e) = file.write_all(format!("{id}\n").as_bytes()) {
+            tracing::warn!(error = %e, message_id = %id, "could not append to the accept journal");
         }
     }
 

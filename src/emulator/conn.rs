@@ -418,6 +418,11 @@ async fn run_open_connection(
                     wait: CLOSE_WAIT,
                 },
                 Drop::TcpReset => break End::Reset,
+                Drop::Close { condition, description } => break End::Close {
+                    condition: ErrorCondition::Custom(condition.into()),
+                    description,
+                    wait: CLOSE_WAIT,
+                },
             },
             _ = &mut attach_timer, if !attached => {
                 shared.counters.closed_attach_deadline.fetch_add(1, Ordering::Relaxed);

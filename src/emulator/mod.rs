@@ -27,7 +27,7 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -86,6 +86,12 @@ pub struct EmulatorConfig {
     pub message_id_as_long: bool,
     /// The emulator's own max-frame-size.
     pub max_frame_size: u32,
+    /// If set, the messageId of every accepted message is appended to this file, one per
+    /// line, the moment the accept is applied (it survives the emulator being killed).
+    pub accept_journal: Option<PathBuf>,
+    /// If set, the TLS identity is kept in this file (created 0600 on first start, reused
+    /// after), so a restarted emulator presents a CA its clients already trust.
+    pub keep_identity: Option<PathBuf>,
 }
 
 impl Default for EmulatorConfig {
@@ -106,6 +112,8 @@ impl Default for EmulatorConfig {
             max_connections: 64,
             message_id_as_long: false,
             max_frame_size: 65_536,
+            accept_journal: None,
+            keep_identity: None,
         }
     }
 }
@@ -156,13 +164,19 @@ pub enum ExtraValue {
 }
 
 /// Fault injection on live connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Drop {
     /// Close with `amqp:connection:forced`, description
     /// `9602: cloud actively closed the connection (emulated)` (Aliyun log 9602).
     ServerClose,
     /// Drop the socket with a TCP RST and no Close frame.
     TcpReset,
+    /// Close with this AMQP error condition (e.g. `amqp:internal-error`, or any symbol) and
+    /// description, sent as given: Aliyun documents its log codes but not its wire strings.
+    Close {
+        condition: String,
+        description: String,
+    },
 }
 
 /// A snapshot of the emulator's counters.
@@ -260,7 +274,20 @@ impl fmt::Debug for Emulator {
 impl Emulator {
     /// Binds, generates a CA and server certificate, and spawns the accept loop.
     pub async fn start(config: EmulatorConfig) -> anyhow::Result<Emulator> {
-        let identity = cert::generate(&config.tls_hostname, config.tls_validity)?;
+        let identity = match &config.keep_identity {
+            Some(path) => cert::load_or_generate(&config.tls_hostname, config.tls_validity, path)?,
+            None => cert::generate(&config.tls_hostname, config.tls_validity)?,
+        };
+        let journal = match &config.accept_journal {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening the accept journal {}", path.display()))?,
+            ),
+            None => None,
+        };
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("binding the emulator to {}", config.bind))?;
@@ -272,7 +299,7 @@ impl Emulator {
             max_clock_skew: config.max_clock_skew,
         });
         let shared = Arc::new(Shared {
-            backlog: Arc::new(Backlog::new(config.redelivery_delay)),
+            backlog: Arc::new(Backlog::new(config.redelivery_delay, journal)),
             config,
             auth,
             counters: Counters::default(),
@@ -327,7 +354,7 @@ impl Emulator {
         let reg = self.shared.registry();
         for ctl in reg.controls.values() {
             // A full channel means a drop is already pending for that connection.
-            let _ = ctl.try_send(how);
+            let _ = ctl.try_send(how.clone());
         }
     }
 

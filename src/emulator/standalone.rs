@@ -71,10 +71,22 @@ pub async fn run_standalone(
     if !(opts.rate.is_finite() && opts.rate >= 0.0) {
         bail!("rate must be a finite number >= 0, got {}", opts.rate);
     }
-    let file_messages = match &opts.from_file {
+    let mut file_messages = match &opts.from_file {
         Some(path) => load_messages(path)?,
         None => Vec::new(),
     };
+    if let Some(journal) = &opts.config.accept_journal {
+        // Accepted by an earlier run of this emulator: the cloud would not send them again.
+        let done = read_journal(journal)?;
+        let before = file_messages.len();
+        file_messages.retain(|m| !done.contains(&m.message_id));
+        tracing::info!(
+            journal = %journal.display(),
+            accepted_before = done.len(),
+            skipped = before - file_messages.len(),
+            "accept journal read"
+        );
+    }
     let emulator = Emulator::start(opts.config.clone()).await?;
     emulator
         .write_ca(&opts.ca_out)
@@ -199,6 +211,21 @@ pub(crate) fn load_messages(path: &Path) -> anyhow::Result<Vec<DeviceMessage>> {
     Ok(out)
 }
 
+/// The messageIds in an accept journal (none if it does not exist yet).
+fn read_journal(path: &Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    match std::fs::read_to_string(path) {
+        // A line cut short by a kill has no newline yet: it was not fully recorded.
+        Ok(text) => Ok(text
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e).with_context(|| format!("reading the accept journal {}", path.display())),
+    }
+}
+
 /// Ids for lines without `messageId`: 19 digits, increasing from the current time.
 struct IdSource(u64);
 
@@ -311,6 +338,17 @@ mod tests {
         assert!(parse_line(r#"{"body":"x"}"#, &mut ids).is_err());
         assert!(parse_line(r#"{"topic":"t","bodyBase64":"!!"}"#, &mut ids).is_err());
         assert!(parse_line("not json", &mut ids).is_err());
+    }
+
+    #[test]
+    fn journal_lines_cut_short_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        assert!(read_journal(&path).unwrap().is_empty(), "no journal yet");
+        std::fs::write(&path, "11\n12\n1").unwrap();
+        let ids = read_journal(&path).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains("11") && ids.contains("12") && !ids.contains("1"));
     }
 
     #[test]

@@ -770,7 +770,7 @@ async fn drop_mid_stream(how: Drop) {
         }
     }
     assert!(emu.wait_accepted(5, STEP).await);
-    emu.drop_connections(how);
+    emu.drop_connections(how.clone());
 
     // The client drains what was already transferred, then sees the connection go.
     let err = loop {
@@ -782,12 +782,13 @@ async fn drop_mid_stream(how: Drop) {
             Err(e) => break format!("{e:?}"),
         }
     };
-    match how {
+    match &how {
         Drop::ServerClose => assert!(err.contains("9602"), "{err}"),
         Drop::TcpReset => assert!(
             !err.contains("RemoteClosed"),
             "no Close frame on a reset: {err}"
         ),
+        Drop::Close { description, .. } => assert!(err.contains(description.as_str()), "{err}"),
     }
     if how == Drop::TcpReset {
         let closed = tokio::time::timeout(STEP, client.conn.on_close())
@@ -885,7 +886,7 @@ async fn reorder_shuffles_small_windows() {
 
 #[tokio::test]
 async fn backlog_never_loses_a_message_across_a_drop() {
-    let backlog = Backlog::new(Duration::ZERO);
+    let backlog = Backlog::new(Duration::ZERO, None);
     backlog.set_duplicate_probability(0.5);
     let published: Vec<String> = (0..50)
         .map(|i| {
@@ -984,4 +985,13 @@ fn config_debug_shows_no_secret_or_token() {
         assert!(!shown.contains(secret), "{secret} in {shown}");
     }
     assert!(shown.contains(AK_ID) && shown.contains(STS_ID), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_a_given_condition_mid_stream_redelivers_unaccepted() {
+    drop_mid_stream(Drop::Close {
+        condition: "amqp:internal-error".into(),
+        description: "9399: internal error (emulated)".into(),
+    })
+    .await;
 }

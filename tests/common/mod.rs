@@ -106,13 +106,8 @@ impl Client {
         Self::spawn(cmd)
     }
 
-    pub fn spawn(mut cmd: Command) -> Client {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("iot-sub starts");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
+    pub fn spawn(cmd: Command) -> Client {
+        let (mut client, stdout) = Self::spawn_unread(cmd);
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -122,6 +117,20 @@ impl Client {
                 }
             }
         });
+        client.lines = lines;
+        client
+    }
+
+    /// Like [`Client::spawn`], but stdout is handed to the caller to read at its own pace
+    /// (the returned client's line methods then see no lines).
+    pub fn spawn_unread(mut cmd: Command) -> (Client, std::process::ChildStdout) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("iot-sub starts");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (_, lines) = mpsc::channel();
         let collected = Arc::new(Mutex::new(String::new()));
         let sink = collected.clone();
         std::thread::spawn(move || {
@@ -136,11 +145,12 @@ impl Client {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Client {
+        let client = Client {
             child,
             lines,
             stderr: collected,
-        }
+        };
+        (client, stdout)
     }
 
     /// Waits for `n` more stdout lines, parsed as JSON.
@@ -170,6 +180,14 @@ impl Client {
             }
         }
         out
+    }
+
+    /// The stdout lines that have arrived so far and were not read yet, without waiting.
+    pub fn lines_so_far(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .try_iter()
+            .map(|line| serde_json::from_str(&line).expect("stdout line is JSON"))
+            .collect()
     }
 
     /// Every stdout line that arrives until stdout closes.
@@ -238,6 +256,17 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Resident memory of a process, from /proc (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Message ids of parsed lines.
