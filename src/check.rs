@@ -3,7 +3,9 @@
 //! timing each, and closes again. The exit status names the step that failed.
 //!
 //! Nothing secret is printed: the AccessKey secret, the STS token and the password appear only
-//! as [`Secret::masked`] shows them, and the username with its token masked.
+//! as [`Secret::masked`] shows them, and the username with its token masked. A `kind = "amqp"`
+//! profile goes through the same steps; it has no signing, so the credentials step reads the
+//! password and shows the username.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -19,9 +21,8 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::CheckArgs;
-use crate::cloud::alibaba;
-use crate::config::{self, ConfigError, Profile};
-use crate::credentials;
+use crate::config::{self, ConfigError, Kind, Profile};
+use crate::credentials::{self, Login};
 use crate::exit;
 use crate::secret::Secret;
 use crate::transport::{self, tls, Endpoint, LinkError, ATTACH_DEADLINE, CLOSE_TIMEOUT};
@@ -86,8 +87,8 @@ pub struct EndpointInfo {
     pub port: u16,
     /// The client id (AMQP container id).
     pub client_id: String,
-    /// Consumer group.
-    pub consumer_group_id: String,
+    /// Consumer group (`None` for `kind = "amqp"`).
+    pub consumer_group_id: Option<String>,
     /// Instance id, if any.
     pub iot_instance_id: Option<String>,
     /// Receiver source address.
@@ -100,22 +101,22 @@ pub struct EndpointInfo {
     pub server_idle_timeout_ms: Option<u32>,
 }
 
-/// The credentials, masked.
+/// The credentials, masked. The Alibaba fields are `None` for a `kind = "amqp"` profile.
 #[derive(Debug, Clone, Serialize)]
 pub struct CredentialInfo {
     /// Where they were read from.
     pub source: String,
-    /// aksign or ststoken (after resolving).
+    /// aksign or ststoken (after resolving); `plain` for `kind = "amqp"`.
     pub auth_mode: String,
     /// hmacmd5, hmacsha1 or hmacsha256.
-    pub sign_method: String,
+    pub sign_method: Option<String>,
     /// The AccessKey id, in full (it is not a secret).
-    pub access_key_id: String,
+    pub access_key_id: Option<String>,
     /// The AccessKey secret, masked.
-    pub access_key_secret: String,
+    pub access_key_secret: Option<String>,
     /// The STS token, masked, if any.
     pub security_token: Option<String>,
-    /// The signed SASL username, with the token masked.
+    /// The SASL username: Aliyun's signed one with the token masked, a plain one in full.
     pub username: String,
     /// The SASL password, masked.
     pub password: String,
@@ -226,12 +227,16 @@ impl Report {
         if let Some(e) = &self.endpoint {
             row(&mut out, "endpoint", &format!("{}:{}", e.host, e.port));
             row(&mut out, "client id", &e.client_id);
-            row(&mut out, "consumer group", &e.consumer_group_id);
-            row(
-                &mut out,
-                "instance id",
-                e.iot_instance_id.as_deref().unwrap_or("(none)"),
-            );
+            if let Some(group) = &e.consumer_group_id {
+                row(&mut out, "consumer group", group);
+                row(
+                    &mut out,
+                    "instance id",
+                    e.iot_instance_id.as_deref().unwrap_or("(none)"),
+                );
+            } else {
+                row(&mut out, "source", &e.source);
+            }
             let server = match (self.reached("open"), e.server_idle_timeout_ms) {
                 (false, _) => String::new(),
                 (true, None) => "; the server's Open advertises none".to_string(),
@@ -245,13 +250,16 @@ impl Report {
         }
         if let Some(c) = &self.credentials {
             row(&mut out, "credentials", &c.source);
-            row(
-                &mut out,
-                "auth",
-                &format!("{}, {}", c.auth_mode, c.sign_method),
-            );
-            row(&mut out, "AccessKey id", &c.access_key_id);
-            row(&mut out, "AccessKey secret", &c.access_key_secret);
+            match &c.sign_method {
+                Some(method) => row(&mut out, "auth", &format!("{}, {method}", c.auth_mode)),
+                None => row(&mut out, "auth", "SASL PLAIN with username and password"),
+            }
+            if let Some(id) = &c.access_key_id {
+                row(&mut out, "AccessKey id", id);
+            }
+            if let Some(secret) = &c.access_key_secret {
+                row(&mut out, "AccessKey secret", secret);
+            }
             if let Some(t) = &c.security_token {
                 row(&mut out, "security token", t);
             }
@@ -411,7 +419,8 @@ pub async fn check(config_file: Option<&Path>, name: &str, stop: CancellationTok
         host: endpoint.host.clone(),
         port: endpoint.port,
         client_id: endpoint.container_id.clone(),
-        consumer_group_id: profile.consumer_group_id.clone(),
+        consumer_group_id: (profile.kind == Kind::Alibaba)
+            .then(|| profile.consumer_group_id.clone()),
         iot_instance_id: profile.iot_instance_id.clone(),
         source: endpoint.source.clone(),
         credit: endpoint.credit,
@@ -448,34 +457,51 @@ pub async fn check(config_file: Option<&Path>, name: &str, stop: CancellationTok
             )
         }
     };
-    let creds = alibaba::sign(&login, crate::time::now_ms());
-    report.credentials = Some(CredentialInfo {
-        source: credential_source(&profile),
-        auth_mode: login.auth_mode.to_string(),
-        sign_method: login.sign_method.to_string(),
-        access_key_id: login.access_key_id.clone(),
-        access_key_secret: login.access_key_secret.masked(),
-        security_token: login.security_token.as_ref().map(Secret::masked),
-        username: alibaba::masked_username(&creds.username),
-        password: creds.password.masked(),
-    });
-    report.ok(
-        "credentials",
-        t,
-        format!(
-            "read and signed ({}, {})",
-            login.auth_mode, login.sign_method
+    let creds = login.sasl(&endpoint.container_id, crate::time::now_ms());
+    let username = login.shown_username(&creds);
+    let (info, detail) = match &login {
+        Login::Alibaba(params) => (
+            CredentialInfo {
+                source: credential_source(&profile),
+                auth_mode: params.auth_mode.to_string(),
+                sign_method: Some(params.sign_method.to_string()),
+                access_key_id: Some(params.access_key_id.clone()),
+                access_key_secret: Some(params.access_key_secret.masked()),
+                security_token: params.security_token.as_ref().map(Secret::masked),
+                username,
+                password: creds.password.masked(),
+            },
+            format!(
+                "read and signed ({}, {})",
+                params.auth_mode, params.sign_method
+            ),
         ),
-    );
+        Login::Plain(_) => (
+            CredentialInfo {
+                source: credential_source(&profile),
+                auth_mode: "plain".into(),
+                sign_method: None,
+                access_key_id: None,
+                access_key_secret: None,
+                security_token: None,
+                username: username.clone(),
+                password: creds.password.masked(),
+            },
+            format!("password read; SASL PLAIN as `{username}`"),
+        ),
+    };
+    report.credentials = Some(info);
+    report.ok("credentials", t, detail);
     drop(login);
 
-    connect_steps(report, &endpoint, creds).await
+    connect_steps(report, &endpoint, profile.kind, creds).await
 }
 
 /// DNS, TCP, TLS, SASL, open, attach and close, each timed; stops at the first failure.
 async fn connect_steps(
     mut report: Report,
     endpoint: &Endpoint,
+    kind: Kind,
     creds: crate::cloud::SaslCredentials,
 ) -> Report {
     let target = format!("{}:{}", endpoint.host, endpoint.port);
@@ -487,10 +513,10 @@ async fn connect_steps(
                 host: endpoint.host.clone(),
                 reason: "no addresses".into(),
             };
-            return report.fail("dns", t, &e, Some(hint_dns(&e)), exit::CHECK_DNS);
+            return report.fail("dns", t, &e, Some(hint_dns(&e, kind)), exit::CHECK_DNS);
         }
         Ok(a) => a,
-        Err(e) => return report.fail("dns", t, &e, Some(hint_dns(&e)), exit::CHECK_DNS),
+        Err(e) => return report.fail("dns", t, &e, Some(hint_dns(&e, kind)), exit::CHECK_DNS),
     };
     let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     report.ok("dns", t, format!("{} → {}", endpoint.host, list.join(", ")));
@@ -499,7 +525,7 @@ async fn connect_steps(
     let tcp = match transport::connect_addrs(&endpoint.host, &addrs).await {
         Ok(s) => s,
         Err(e) => {
-            let hint = hint_tcp(&e, &target);
+            let hint = hint_tcp(&e, &target, kind);
             return report.fail("tcp", t, &e, Some(hint), exit::CHECK_TCP);
         }
     };
@@ -514,7 +540,7 @@ async fn connect_steps(
     let t = Instant::now();
     let tls = match within(deadline, transport::tls_connect(endpoint, tcp)).await {
         Ok(s) => s,
-        Err(e) => return report.fail("tls", t, &e, Some(hint_tls(&e)), exit::CHECK_TLS),
+        Err(e) => return report.fail("tls", t, &e, Some(hint_tls(&e, kind)), exit::CHECK_TLS),
     };
     let (_, conn) = tls.get_ref();
     let version = conn
@@ -546,9 +572,15 @@ async fn connect_steps(
             return match sasl_done {
                 Some(done) if !e.is_login_rejected() => {
                     push_ok_between(&mut report, "sasl", t_sasl, done, "PLAIN login accepted");
-                    report.fail("open", done, &e, Some(hint_open(&e)), exit::CHECK_OPEN)
+                    report.fail(
+                        "open",
+                        done,
+                        &e,
+                        Some(hint_open(&e, kind)),
+                        exit::CHECK_OPEN,
+                    )
                 }
-                _ => login_failed(report, t_sasl, sasl_done.is_some(), e),
+                _ => login_failed(report, t_sasl, sasl_done.is_some(), e, kind),
             }
         }
     };
@@ -569,7 +601,7 @@ async fn connect_steps(
     .await;
     let mut session = match session {
         Ok(s) => s,
-        Err(e) if e.is_login_rejected() => return login_failed(report, t_sasl, true, e),
+        Err(e) if e.is_login_rejected() => return login_failed(report, t_sasl, true, e, kind),
         Err(e) => {
             push_ok_between(
                 &mut report,
@@ -578,7 +610,13 @@ async fn connect_steps(
                 sasl_done,
                 "PLAIN login accepted",
             );
-            return report.fail("open", sasl_done, &e, Some(hint_open(&e)), exit::CHECK_OPEN);
+            return report.fail(
+                "open",
+                sasl_done,
+                &e,
+                Some(hint_open(&e, kind)),
+                exit::CHECK_OPEN,
+            );
         }
     };
     push_ok_between(
@@ -612,9 +650,12 @@ async fn connect_steps(
             report
                 .steps
                 .retain(|s| s.step != "sasl" && s.step != "open");
-            return login_failed(report, t_sasl, true, e);
+            return login_failed(report, t_sasl, true, e, kind);
         }
-        Err(e) => return report.fail("attach", t, &e, Some(hint_attach(&e)), exit::CHECK_ATTACH),
+        Err(e) => {
+            let hint = Some(hint_attach(&e, kind));
+            return report.fail("attach", t, &e, hint, exit::CHECK_ATTACH);
+        }
     };
     report.ok(
         "attach",
@@ -653,9 +694,16 @@ async fn connect_steps(
 }
 
 /// The login failed: the SASL step, with a note when it was a close right after Open.
-fn login_failed(report: Report, since: Instant, sasl_passed: bool, e: LinkError) -> Report {
+fn login_failed(
+    report: Report,
+    since: Instant,
+    sasl_passed: bool,
+    e: LinkError,
+    kind: Kind,
+) -> Report {
     let note = (e.is_login_rejected() && sasl_passed).then(|| NOTE_CLOSE_AFTER_OPEN.to_string());
-    let mut report = report.fail("sasl", since, &e, Some(hint_login(&e)), exit::CHECK_LOGIN);
+    let hint = Some(hint_login(&e, kind));
+    let mut report = report.fail("sasl", since, &e, hint, exit::CHECK_LOGIN);
     if let Some(step) = report.steps.iter_mut().find(|s| s.step == "sasl") {
         step.note = note;
     }
@@ -702,6 +750,9 @@ fn config_error(profile: &Profile, field: &str, message: String) -> ConfigError 
 
 /// Where the credentials come from, in words (never their values).
 fn credential_source(profile: &Profile) -> String {
+    if let Some(login) = &profile.plain_login {
+        return format!("password from {}", login.password);
+    }
     if profile.emulator {
         return "throwaway key of the embedded emulator".into();
     }
@@ -721,27 +772,32 @@ fn credential_source(profile: &Profile) -> String {
     s
 }
 
-fn hint_dns(e: &LinkError) -> String {
-    match e {
-        LinkError::Timeout { .. } => {
+fn hint_dns(e: &LinkError, kind: Kind) -> String {
+    match (e, kind) {
+        (LinkError::Timeout { .. }, _) => {
             "the resolver did not answer in time: check this machine's DNS settings (/etc/resolv.conf) and network".into()
         }
-        _ => "check `host` (or `iot_instance_id`, or `uid` and `region`, which build it) and this machine's DNS".into(),
+        (_, Kind::Alibaba) => "check `host` (or `iot_instance_id`, or `uid` and `region`, which build it) and this machine's DNS".into(),
+        (_, Kind::Amqp) => "check `host` and this machine's DNS".into(),
     }
 }
 
-fn hint_tcp(e: &LinkError, target: &str) -> String {
+fn hint_tcp(e: &LinkError, target: &str, kind: Kind) -> String {
+    let port_note = match kind {
+        Kind::Alibaba => " (Aliyun uses 5671)",
+        Kind::Amqp => " (the broker's AMQPS port; 5671 is the usual one)",
+    };
     match e {
         LinkError::Tcp { reason, .. } if reason.contains("refused") => format!(
-            "nothing accepts connections at {target}: check `port` (Aliyun uses 5671) and `host`"
+            "nothing accepts connections at {target}: check `port`{port_note} and `host`"
         ),
         _ => format!(
-            "no answer from {target}: a firewall may block outbound TCP to that port, or `host`/`port` is wrong (Aliyun uses 5671)"
+            "no answer from {target}: a firewall may block outbound TCP to that port, or `host`/`port` is wrong{port_note}"
         ),
     }
 }
 
-fn hint_tls(e: &LinkError) -> String {
+fn hint_tls(e: &LinkError, kind: Kind) -> String {
     use crate::transport::tls::TlsProblem as P;
     match e {
         LinkError::Tls { problem, .. } => match problem {
@@ -749,7 +805,10 @@ fn hint_tls(e: &LinkError) -> String {
             P::BadSignature => "the certificate is not signed by the CA of that name in `ca_file` or the system roots: set `ca_file` to the CA that signed the server's certificate (an old copy of a regenerated CA looks like this)".into(),
             P::WrongName => "`host` is not a name in the server's certificate: use the documented host name, not an IP address".into(),
             P::Expired | P::NotYetValid => "the certificate is outside its validity period, or this machine's clock is wrong".into(),
-            P::NotTls => "the port does not speak TLS: check `port` (Aliyun uses TLS on 5671)".into(),
+            P::NotTls => match kind {
+                Kind::Alibaba => "the port does not speak TLS: check `port` (Aliyun uses TLS on 5671)".into(),
+                Kind::Amqp => "the port does not speak TLS: use the broker's TLS (AMQPS) port; iot-sub starts TLS at once, it does not upgrade a plain connection".into(),
+            },
             P::ClosedDuringHandshake => "the server closed the connection during the TLS handshake: check `host` and `port` (Aliyun uses TLS on 5671)".into(),
             P::Other => "check `host`, `port` and `ca_file`".into(),
         },
@@ -758,24 +817,27 @@ fn hint_tls(e: &LinkError) -> String {
     }
 }
 
-fn hint_login(e: &LinkError) -> String {
+fn hint_login(e: &LinkError, kind: Kind) -> String {
     match e {
+        LinkError::LoginRejected { .. } if kind == Kind::Amqp => "check `username` and the password (and that the user may connect to the broker's virtual host)".into(),
         LinkError::LoginRejected { .. } => "check the AccessKey id and secret, auth_mode (STS keys start with `STS.` and need ststoken and a token), sign_method, consumer_group_id and iot_instance_id, and that the key may subscribe".into(),
         LinkError::Timeout { .. } => "the server did not finish the login in time: a firewall or proxy in the way, or not an AMQP endpoint".into(),
         _ => "the server dropped the connection during the login: check the credentials, and that this is the AMQP endpoint".into(),
     }
 }
 
-fn hint_open(e: &LinkError) -> String {
+fn hint_open(e: &LinkError, kind: Kind) -> String {
     match e {
         LinkError::Timeout { .. } => "the server did not answer the Open or Begin in time: a firewall or proxy in the way".into(),
+        _ if kind == Kind::Amqp => "the broker closed the connection right after Open: see its log for why (idle_timeout, permissions)".into(),
         _ => "the server closed the connection right after Open: check `idle_timeout` (30s to 300s) and the credentials (AccessKey, consumer_group_id, iot_instance_id)".into(),
     }
 }
 
-fn hint_attach(e: &LinkError) -> String {
+fn hint_attach(e: &LinkError, kind: Kind) -> String {
     match e {
         LinkError::Timeout { .. } => "the server did not answer the Attach in time: a firewall or proxy in the way, or an overloaded server".into(),
+        _ if kind == Kind::Amqp => "the broker refused the receiver link: check `source` (for RabbitMQ `/amq/queue/NAME`, and the queue must exist) and the user's read permission".into(),
         _ => "the server refused the receiver link: check consumer_group_id, that the group has a server-side subscription, and that it has room for another client".into(),
     }
 }

@@ -39,6 +39,11 @@ pub const ENV_ACCESS_KEY_ID: &str = "ALIBABA_CLOUD_ACCESS_KEY_ID";
 pub const ENV_ACCESS_KEY_SECRET: &str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET";
 /// See [`ENV_ACCESS_KEY_ID`].
 pub const ENV_SECURITY_TOKEN: &str = "ALIBABA_CLOUD_SECURITY_TOKEN";
+/// Where a `kind = "amqp"` profile's password comes from unless it says otherwise.
+pub const ENV_AMQP_PASSWORD: &str = "IOT_SUB_AMQP_PASSWORD";
+/// The idle-time-outs a `kind = "amqp"` profile may send (a plain broker takes any value).
+pub const AMQP_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
 /// The profile name that works with no config file: an embedded emulator.
 pub const DEMO_PROFILE: &str = "demo";
 
@@ -175,7 +180,10 @@ impl<'de> Deserialize<'de> for SecretSource {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
+    kind: Option<String>,
     cloud: Option<String>,
+    username: Option<String>,
+    password: Option<SecretSource>,
     emulator: Option<bool>,
     emulator_rate: Option<f64>,
     host: Option<String>,
@@ -211,12 +219,40 @@ struct RawFile {
     profiles: toml::Table,
 }
 
-/// Which cloud a profile talks to.
+/// What a profile talks to (`kind`; `cloud` is its older name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cloud {
-    /// Alibaba Cloud IoT Platform server-side subscription.
+pub enum Kind {
+    /// Alibaba Cloud IoT Platform server-side subscription (signed login, Aliyun's properties).
     Alibaba,
+    /// Any AMQP 1.0 broker: SASL PLAIN with a username and password, generic message mapping.
+    Amqp,
 }
+
+/// The login of a `kind = "amqp"` profile.
+#[derive(Debug, Clone)]
+pub struct PlainLogin {
+    /// SASL PLAIN username (not a secret).
+    pub username: String,
+    /// Where the password comes from.
+    pub password: SecretSource,
+}
+
+/// Fields only Alibaba profiles use; a `kind = "amqp"` profile naming one is a config error.
+const ALIBABA_ONLY: [&str; 13] = [
+    "consumer_group_id",
+    "access_key_id",
+    "access_key_secret",
+    "security_token",
+    "sign_method",
+    "auth_mode",
+    "iot_instance_id",
+    "uid",
+    "region",
+    "credential_command",
+    "aliyun_profile",
+    "emulator",
+    "emulator_rate",
+];
 
 /// A checked profile: everything a subscriber needs except the secrets' values. Its `Debug`
 /// hides inline secrets and the credential command (which may hold one).
@@ -226,8 +262,10 @@ pub struct Profile {
     pub name: String,
     /// The config file it came from (`None` for the built-in demo).
     pub file: Option<PathBuf>,
-    /// Which cloud.
-    pub cloud: Cloud,
+    /// What it talks to: Alibaba Cloud, or any AMQP 1.0 broker.
+    pub kind: Kind,
+    /// The username and password of a `kind = "amqp"` profile (`None` for Alibaba).
+    pub plain_login: Option<PlainLogin>,
     /// Start an embedded emulator and subscribe to it (the demo).
     pub emulator: bool,
     /// Messages per second the embedded emulator's simulated devices send.
@@ -238,7 +276,7 @@ pub struct Profile {
     pub port: u16,
     /// Client id after template expansion (1-64 characters).
     pub client_id: String,
-    /// Consumer group.
+    /// Consumer group (empty for `kind = "amqp"`).
     pub consumer_group_id: String,
     /// Instance id, if the instance has one.
     pub iot_instance_id: Option<String>,
@@ -281,7 +319,8 @@ impl fmt::Debug for Profile {
         f.debug_struct("Profile")
             .field("name", &self.name)
             .field("file", &self.file)
-            .field("cloud", &self.cloud)
+            .field("kind", &self.kind)
+            .field("plain_login", &self.plain_login)
             .field("emulator", &self.emulator)
             .field("emulator_rate", &self.emulator_rate)
             .field("host", &self.host)
@@ -447,15 +486,33 @@ fn one_line(s: &str) -> String {
 }
 
 fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile, ConfigError> {
-    let cloud = match raw.cloud.as_deref().unwrap_or("alibaba") {
-        "alibaba" | "aliyun" => Cloud::Alibaba,
-        other => {
-            return Err(ConfigError::field(
-                "cloud",
-                format!("unknown cloud `{other}`; allowed: alibaba"),
-            ))
+    let kind = kind_of(&raw)?;
+    let amqp = kind == Kind::Amqp;
+    match kind {
+        Kind::Amqp => {
+            if let Some(field) = alibaba_fields_set(&raw).first() {
+                return Err(ConfigError::field(
+                    field,
+                    "is an Alibaba Cloud field; a `kind = \"amqp\"` profile does not use it \
+                     (remove it; the login is `username` and `password`)",
+                ));
+            }
         }
-    };
+        Kind::Alibaba => {
+            for (field, set) in [
+                ("username", raw.username.is_some()),
+                ("password", raw.password.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::field(
+                        field,
+                        "is only used with `kind = \"amqp\"`; an Alibaba Cloud profile logs in \
+                         with `access_key_id` and `access_key_secret`",
+                    ));
+                }
+            }
+        }
+    }
     let emulator = raw.emulator.unwrap_or(false);
     let emulator_rate = raw.emulator_rate.unwrap_or(5.0);
     if !(emulator_rate > 0.0 && emulator_rate <= 100_000.0) {
@@ -486,6 +543,12 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
             return Err(ConfigError::field(
                 "region",
                 "is required with `uid` (for example cn-shanghai)",
+            ))
+        }
+        (None, ..) if amqp => {
+            return Err(ConfigError::field(
+                "host",
+                "is required: the broker's host name (also the name its TLS certificate must have)",
             ))
         }
         (None, None, None, _) => {
@@ -529,6 +592,7 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
 
     let consumer_group_id = match non_empty("consumer_group_id", raw.consumer_group_id)? {
         Some(g) => g,
+        None if amqp => String::new(),
         None if emulator => "DEFAULT_GROUP".to_string(),
         None => {
             return Err(ConfigError::field(
@@ -559,12 +623,21 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
     };
 
     let idle_timeout = raw.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
-    let (lo, hi) = IDLE_TIMEOUT_RANGE;
+    let (lo, hi) = if amqp {
+        AMQP_IDLE_TIMEOUT_RANGE
+    } else {
+        IDLE_TIMEOUT_RANGE
+    };
     if idle_timeout < lo || idle_timeout > hi || idle_timeout.subsec_nanos() % 1_000_000 != 0 {
+        let why = if amqp {
+            "1s to 1h in whole milliseconds"
+        } else {
+            "30s to 300s in whole milliseconds (the cloud refuses other values)"
+        };
         return Err(ConfigError::field(
             "idle_timeout",
             format!(
-                "{} is out of range; allowed: 30s to 300s in whole milliseconds (the cloud refuses other values)",
+                "{} is out of range; allowed: {why}",
                 humantime::format_duration(idle_timeout)
             ),
         ));
@@ -599,7 +672,16 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
             ));
         }
     }
-    let source = non_empty("source", raw.source)?.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
+    let source = match non_empty("source", raw.source)? {
+        Some(s) => s,
+        None if amqp => {
+            return Err(ConfigError::field(
+                "source",
+                "is required: the address to receive from (for RabbitMQ `/amq/queue/NAME`)",
+            ))
+        }
+        None => DEFAULT_SOURCE.to_string(),
+    };
 
     let base_dir = file.and_then(Path::parent).map(Path::to_path_buf);
     let relative = |p: PathBuf| match (&base_dir, p.is_relative()) {
@@ -659,6 +741,18 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         (AuthMode::Aksign, None) => None,
     };
 
+    let plain_login = if amqp {
+        let username = non_empty("username", raw.username)?.ok_or_else(|| {
+            ConfigError::field("username", "is required: the SASL PLAIN username")
+        })?;
+        let password = fix(raw
+            .password
+            .unwrap_or(SecretSource::Env(ENV_AMQP_PASSWORD.into())));
+        Some(PlainLogin { username, password })
+    } else {
+        None
+    };
+
     let backoff_initial = raw.backoff_initial.unwrap_or(DEFAULT_BACKOFF_INITIAL);
     let backoff_max = raw.backoff_max.unwrap_or(DEFAULT_BACKOFF_MAX);
     if backoff_initial < Duration::from_millis(10) || backoff_initial > Duration::from_secs(3600) {
@@ -677,7 +771,8 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
     Ok(Profile {
         name: name.to_string(),
         file: file.map(Path::to_path_buf),
-        cloud,
+        kind,
+        plain_login,
         emulator,
         emulator_rate,
         host,
@@ -701,6 +796,53 @@ fn validate(raw: RawProfile, name: &str, file: Option<&Path>) -> Result<Profile,
         backoff_initial,
         backoff_max,
     })
+}
+
+/// `kind`, or its older name `cloud`; both at once is an error.
+fn kind_of(raw: &RawProfile) -> Result<Kind, ConfigError> {
+    let (field, value) = match (&raw.kind, &raw.cloud) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::field(
+                "cloud",
+                "`cloud` is the old name of `kind`; give only `kind`",
+            ))
+        }
+        (Some(k), None) => ("kind", k.as_str()),
+        (None, Some(c)) => ("cloud", c.as_str()),
+        (None, None) => return Ok(Kind::Alibaba),
+    };
+    match value {
+        "alibaba" | "aliyun" => Ok(Kind::Alibaba),
+        "amqp" => Ok(Kind::Amqp),
+        other => Err(ConfigError::field(
+            field,
+            format!("unknown kind `{other}`; allowed: alibaba, amqp"),
+        )),
+    }
+}
+
+/// The Alibaba-only fields a profile sets, in [`ALIBABA_ONLY`] order.
+fn alibaba_fields_set(raw: &RawProfile) -> Vec<&'static str> {
+    let set = [
+        raw.consumer_group_id.is_some(),
+        raw.access_key_id.is_some(),
+        raw.access_key_secret.is_some(),
+        raw.security_token.is_some(),
+        raw.sign_method.is_some(),
+        raw.auth_mode.is_some(),
+        raw.iot_instance_id.is_some(),
+        raw.uid.is_some(),
+        raw.region.is_some(),
+        raw.credential_command.is_some(),
+        raw.aliyun_profile.is_some(),
+        raw.emulator.is_some(),
+        raw.emulator_rate.is_some(),
+    ];
+    ALIBABA_ONLY
+        .iter()
+        .zip(set)
+        .filter_map(|(name, set)| set.then_some(*name))
+        .collect()
 }
 
 /// Expands `{hostname}` and `{pid}` in a client id template.
@@ -739,8 +881,13 @@ pub fn demo_profile() -> Profile {
 
 /// Warns when a secret is written in a config file that others can read.
 fn warn_if_inline_secrets_are_exposed(profile: &Profile, path: &Path) {
-    let inline = matches!(profile.access_key_secret, SecretSource::Inline(_))
-        || matches!(profile.security_token, Some(SecretSource::Inline(_)));
+    let inline = match &profile.plain_login {
+        Some(login) => matches!(login.password, SecretSource::Inline(_)),
+        None => {
+            matches!(profile.access_key_secret, SecretSource::Inline(_))
+                || matches!(profile.security_token, Some(SecretSource::Inline(_)))
+        }
+    };
     if !inline || profile.emulator {
         return;
     }
@@ -915,6 +1062,81 @@ mod tests {
         assert_eq!(p.security_token, Some(SecretSource::File("tok".into())));
         assert_eq!(p.client_id, format!("a-{}", std::process::id()));
         assert!(!format!("{:?}", SecretSource::Inline("s3cr3t".into())).contains("s3cr3t"));
+    }
+
+    const AMQP: &str =
+        "kind = \"amqp\"\nhost = \"mq.example\"\nusername = \"u\"\nsource = \"/amq/queue/q\"\n";
+
+    #[test]
+    fn amqp_profile_defaults_and_requirements() {
+        let p = ok(AMQP);
+        assert_eq!(p.kind, Kind::Amqp);
+        assert_eq!(p.port, 5671);
+        assert_eq!(p.source, "/amq/queue/q");
+        let login = p.plain_login.expect("an amqp profile has a plain login");
+        assert_eq!(login.username, "u");
+        assert_eq!(login.password, SecretSource::Env(ENV_AMQP_PASSWORD.into()));
+        let p = ok(&format!(
+            "{AMQP}password = {{ file = \"pw\" }}\nidle_timeout = \"5s\""
+        ));
+        assert_eq!(
+            p.plain_login.unwrap().password,
+            SecretSource::File("pw".into())
+        );
+        assert_eq!(p.idle_timeout, Duration::from_secs(5));
+        for missing in ["host", "username", "source"] {
+            let body: String = AMQP
+                .lines()
+                .filter(|l| !l.starts_with(missing))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let e = err(&body);
+            assert_eq!(e.field.as_deref(), Some(missing), "{e}");
+            assert!(e.message.contains("required"), "{e}");
+        }
+        assert!(ok(MIN).plain_login.is_none());
+        assert_eq!(ok(MIN).kind, Kind::Alibaba);
+    }
+
+    #[test]
+    fn kind_and_its_old_name_cloud() {
+        assert_eq!(ok(&format!("{MIN}kind = \"alibaba\"")).kind, Kind::Alibaba);
+        assert_eq!(ok(&format!("{MIN}cloud = \"alibaba\"")).kind, Kind::Alibaba);
+        let p = ok(&AMQP.replace("kind =", "cloud ="));
+        assert_eq!(p.kind, Kind::Amqp);
+        let e = err(&format!("{AMQP}cloud = \"amqp\""));
+        assert_eq!(e.field.as_deref(), Some("cloud"), "{e}");
+        assert!(e.message.contains("only `kind`"), "{e}");
+        let e = err(&format!("{MIN}kind = \"azure\""));
+        assert_eq!(e.field.as_deref(), Some("kind"));
+        assert!(e.message.contains("allowed: alibaba, amqp"), "{e}");
+    }
+
+    #[test]
+    fn fields_of_the_other_kind_are_errors() {
+        for (field, value) in [
+            ("consumer_group_id", "\"G\""),
+            ("access_key_id", "\"LTAI\""),
+            ("access_key_secret", "{ env = \"X\" }"),
+            ("security_token", "\"t\""),
+            ("sign_method", "\"hmacsha1\""),
+            ("auth_mode", "\"aksign\""),
+            ("iot_instance_id", "\"iot-1\""),
+            ("uid", "\"1\""),
+            ("region", "\"cn-shanghai\""),
+            ("credential_command", "\"x\""),
+            ("aliyun_profile", "\"default\""),
+            ("emulator", "true"),
+        ] {
+            let e = err(&format!("{AMQP}{field} = {value}"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.to_string().contains("Alibaba Cloud field"), "{e}");
+        }
+        for field in ["username", "password"] {
+            let e = err(&format!("{MIN}{field} = \"x\""));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains("kind = \"amqp\""), "{e}");
+        }
     }
 
     #[test]

@@ -1,15 +1,17 @@
-//! Reads a profile's AccessKey id, secret and STS token from where the profile says they are:
-//! environment variables, files, systemd credentials, a credential command, or a profile of
-//! the Alibaba Cloud CLI. Read again before every connection attempt, so a rotated file or
-//! token is picked up; a command's `expiration` tells the supervisor when to rotate.
+//! Reads a profile's AccessKey id, secret and STS token (or, for `kind = "amqp"`, its password)
+//! from where the profile says they are: environment variables, files, systemd credentials, a
+//! credential command, or a profile of the Alibaba Cloud CLI. Read again before every
+//! connection attempt, so a rotated file or token is picked up; a command's `expiration` tells
+//! the supervisor when to rotate.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::cloud::alibaba::{AuthMode, LoginParams};
-use crate::config::{Profile, SecretSource};
+use crate::cloud::alibaba::{self, AuthMode, LoginParams};
+use crate::cloud::SaslCredentials;
+use crate::config::{PlainLogin, Profile, SecretSource};
 use crate::secret::Secret;
 
 /// A credential command that runs longer is killed.
@@ -34,11 +36,43 @@ fn fail(what: &'static str, why: impl Into<String>) -> CredentialError {
     }
 }
 
+/// What a connection attempt logs in with, read now.
+#[derive(Debug, Clone)]
+pub enum Login {
+    /// Alibaba Cloud: signed afresh for every attempt.
+    Alibaba(LoginParams),
+    /// `kind = "amqp"`: the username and password as they are.
+    Plain(SaslCredentials),
+}
+
+impl Login {
+    /// The SASL PLAIN credentials for one attempt by `client_id`, signed at `now_ms` if signing
+    /// is needed.
+    pub fn sasl(&self, client_id: &str, now_ms: u64) -> SaslCredentials {
+        match self {
+            Login::Alibaba(params) => {
+                let mut params = params.clone();
+                params.client_id = client_id.to_string();
+                alibaba::sign(&params, now_ms)
+            }
+            Login::Plain(creds) => creds.clone(),
+        }
+    }
+
+    /// The username as it may be logged: Aliyun's with its token masked, a plain one in full.
+    pub fn shown_username(&self, creds: &SaslCredentials) -> String {
+        match self {
+            Login::Alibaba(_) => alibaba::masked_username(&creds.username),
+            Login::Plain(_) => creds.username.clone(),
+        }
+    }
+}
+
 /// Credentials read now, and when they stop working (STS).
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    /// What signing needs.
-    pub login: LoginParams,
+    /// What the login needs.
+    pub login: Login,
     /// When the credentials expire, if they say.
     pub expires_at: Option<SystemTime>,
 }
@@ -88,9 +122,9 @@ struct Raw {
     expires_at: Option<SystemTime>,
 }
 
-/// Everything needed to sign a login for `profile`, read now. Runs a credential command, so
-/// from async code use [`resolve_fresh`].
-pub fn resolve(profile: &Profile) -> Result<LoginParams, CredentialError> {
+/// Everything needed to log in with `profile`, read now. Runs a credential command, so from
+/// async code use [`resolve_fresh`].
+pub fn resolve(profile: &Profile) -> Result<Login, CredentialError> {
     resolve_with_expiry(profile).map(|c| c.login)
 }
 
@@ -103,6 +137,15 @@ pub async fn resolve_fresh(profile: &Profile) -> Result<Credentials, CredentialE
 }
 
 fn resolve_with_expiry(profile: &Profile) -> Result<Credentials, CredentialError> {
+    if let Some(PlainLogin { username, password }) = &profile.plain_login {
+        return Ok(Credentials {
+            login: Login::Plain(SaslCredentials {
+                username: username.clone(),
+                password: read("password", password)?,
+            }),
+            expires_at: None,
+        });
+    }
     let raw = if let Some(command) = &profile.credential_command {
         run_command(command)?
     } else if let Some(name) = &profile.aliyun_profile {
@@ -132,7 +175,7 @@ fn resolve_with_expiry(profile: &Profile) -> Result<Credentials, CredentialError
         ));
     }
     Ok(Credentials {
-        login: LoginParams {
+        login: Login::Alibaba(LoginParams {
             client_id: profile.client_id.clone(),
             iot_instance_id: profile.iot_instance_id.clone(),
             consumer_group_id: profile.consumer_group_id.clone(),
@@ -141,7 +184,7 @@ fn resolve_with_expiry(profile: &Profile) -> Result<Credentials, CredentialError
             access_key_id: raw.id,
             access_key_secret: raw.secret,
             security_token: raw.token,
-        },
+        }),
         expires_at: raw.expires_at,
     })
 }
@@ -382,7 +425,10 @@ mod tests {
         .unwrap();
         profile.credential_command = Some(command);
         let creds = resolve_with_expiry(&profile).unwrap();
-        assert_eq!(creds.login.access_key_secret.expose(), secret);
+        let Login::Alibaba(params) = &creds.login else {
+            panic!("an Alibaba profile has a signed login");
+        };
+        assert_eq!(params.access_key_secret.expose(), secret);
         let shown = format!("{creds:?} {:?}", creds.login);
         assert!(
             !shown.contains("cmd-secret") && !shown.contains("CAIS-token"),

@@ -142,7 +142,9 @@ impl Template {
                 Part::Text(t) => line.push_str(t),
                 Part::Field(f) => match f {
                     Field::Topic => escape_into(&mut line, view.topic),
-                    Field::MessageId => escape_into(&mut line, &view.message_id),
+                    Field::MessageId => {
+                        escape_into(&mut line, view.message_id.as_deref().unwrap_or(""))
+                    }
                     Field::GenerateTime => {
                         if let Some(t) = view.generate_time {
                             let _ = write!(line, "{t}");
@@ -209,7 +211,7 @@ fn pretty(view: &View<'_>, body: BodyMode, out: &mut Vec<u8>) {
     s.push_str("  ");
     escape_into(&mut s, view.topic);
     s.push_str("\n  messageId=");
-    escape_into(&mut s, &view.message_id);
+    escape_into(&mut s, view.message_id.as_deref().unwrap_or("-"));
     if let Some(pk) = view.product_key {
         s.push_str(" productKey=");
         escape_into(&mut s, pk);

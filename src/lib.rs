@@ -4,12 +4,14 @@
 //! # Layout
 //! - [`cli`]: command-line parsing only.
 //! - [`config`]: config file lookup, profiles, validation (exit 78 on errors).
-//! - [`credentials`]: reading AccessKeys and STS tokens from env, files or the profile.
+//! - [`credentials`]: reading AccessKeys, STS tokens and `kind = "amqp"` passwords from env,
+//!   files or the profile.
 //! - [`secret`]: the `Secret` type that never prints itself.
 //! - [`cloud`]: per-cloud signing of the SASL username and password (Alibaba today).
 //! - [`transport`]: one connection attempt (TCP, TLS, SASL, Open, Begin, Attach) with deadlines.
 //! - [`receive`]: per connection: deliveries → decode → filter → render → sink; acks back.
-//! - [`message`]: one delivery → its fields and the JSON line (the output schema).
+//! - [`message`]: one delivery → its fields and the JSON line (the output schema; Alibaba's
+//!   mapping and the generic one for other AMQP 1.0 brokers).
 //! - [`format`]: `--format` (json, pretty, templates); [`topic`]: filters and device names.
 //! - [`sink`]: the one task all connections feed: dedup ([`dedup`]), reorder ([`reorder`]),
 //!   `--count`/`--idle-exit`, stdout or `--exec`, `--exec-each`; accepts after output.

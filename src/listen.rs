@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::config::{ConfigError, Profile};
+use crate::config::{ConfigError, Kind, Profile};
 use crate::credentials;
 use crate::dedup::Keyer;
 use crate::format::Format;
-use crate::message::BodyMode;
+use crate::message::{BodyMode, Mapping};
 use crate::receive::{PumpContext, Render};
 use crate::sink::writer::{ExecChild, Writer};
 use crate::sink::{self, Counters, SinkOptions, Target, CHANNEL_BATCHES};
@@ -161,6 +161,12 @@ pub async fn listen(
     ));
 
     let render = Arc::new(Render {
+        mapping: match profile.kind {
+            Kind::Alibaba => Mapping::Alibaba,
+            Kind::Amqp => Mapping::Generic {
+                source: profile.source.clone(),
+            },
+        },
         format: options.format.clone(),
         body: options.body,
         filters: options.filters.clone(),

@@ -6,6 +6,18 @@
 //!   application property `messageId`, else from the AMQP `properties.message-id`.
 //! - `generateTime` is integer milliseconds since the epoch, or `null` when absent.
 //! - `productKey` and `deviceName` come from the topic's shape, `null` when it has none.
+//!
+//! Two mappings, chosen per profile kind ([`Mapping`]): [`decode`] for Alibaba Cloud, which
+//! requires the `topic` and an id; [`decode_generic`] for any AMQP 1.0 broker, which falls back
+//! to the AMQP properties section and the source address and never refuses a message for
+//! lacking Aliyun's fields:
+//! - `topic`: application property `topic`, else `properties.subject`, else the source address.
+//! - `messageId`: application property `messageId`, else `properties.message-id`, else `null`
+//!   (and duplicate suppression skips the message).
+//! - `generateTime`: application property `generateTime`, else `properties.creation-time`, else
+//!   `null`.
+//! - `productKey`, `deviceName`: from the topic's shape only when the topic came from the
+//!   `topic` application property (a subject or a queue address names no device).
 //! - `properties` holds every other application property.
 //! - `bodyEncoding` is `json` (body embedded as JSON), `text` (body is a string: the bytes are
 //!   UTF-8 with no control characters but tab, CR and LF) or `base64` (the raw bytes, base64).
@@ -99,13 +111,40 @@ impl std::str::FromStr for BodyMode {
     }
 }
 
+/// How deliveries are read: chosen once per profile kind, the same for every message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mapping {
+    /// Alibaba Cloud: [`decode`].
+    Alibaba,
+    /// Any AMQP 1.0 broker: [`decode_generic`], with the profile's source address as the last
+    /// resort for the topic.
+    Generic {
+        /// The receiver's source address.
+        source: String,
+    },
+}
+
+impl Mapping {
+    /// Reads one message the way this mapping says.
+    #[inline]
+    pub fn decode<'a>(
+        &'a self,
+        message: &'a Message<Body<Value>>,
+    ) -> Result<View<'a>, DecodeError> {
+        match self {
+            Mapping::Alibaba => decode(message),
+            Mapping::Generic { source } => decode_generic(message, source),
+        }
+    }
+}
+
 /// The fields of one message, borrowed from the delivery where possible.
 #[derive(Debug)]
 pub struct View<'a> {
-    /// Application property `topic`.
+    /// Application property `topic` (generic brokers: see the module doc).
     pub topic: &'a str,
-    /// The message id, as text.
-    pub message_id: std::borrow::Cow<'a, str>,
+    /// The message id, as text; `None` only from a generic broker's message without one.
+    pub message_id: Option<std::borrow::Cow<'a, str>>,
     /// Milliseconds since the epoch.
     pub generate_time: Option<i64>,
     /// From the topic's shape.
@@ -130,24 +169,14 @@ pub fn decode(message: &Message<Body<Value>>) -> Result<View<'_>, DecodeError> {
         Some(other) => return Err(DecodeError::BadField("topic", type_name(other).into())),
         None => return Err(DecodeError::MissingTopic),
     };
-    let message_id: std::borrow::Cow<'_, str> = match get("messageId") {
-        Some(SimpleValue::String(s)) => s.as_str().into(),
-        Some(v) => id_text(v)
-            .ok_or_else(|| {
-                DecodeError::BadField("messageId", format!("{} is not an id", type_name(v)))
-            })?
-            .into(),
+    let message_id = match get("messageId") {
+        Some(v) => property_id(v)?,
         None => match message
             .properties
             .as_ref()
             .and_then(|p| p.message_id.as_ref())
         {
-            Some(MessageId::String(s)) => s.as_str().into(),
-            Some(MessageId::Ulong(n)) => n.to_string().into(),
-            Some(MessageId::Uuid(u)) => uuid_text(u.as_inner()).into(),
-            Some(MessageId::Binary(b)) => {
-                base64::engine::general_purpose::STANDARD.encode(b).into()
-            }
+            Some(id) => amqp_id(id),
             None => return Err(DecodeError::MissingMessageId),
         },
     };
@@ -164,6 +193,57 @@ pub fn decode(message: &Message<Body<Value>>) -> Result<View<'_>, DecodeError> {
     let body = body_bytes(&message.body)?;
     Ok(View {
         topic,
+        message_id: Some(message_id),
+        generate_time,
+        product_key,
+        device_name,
+        body,
+        props,
+    })
+}
+
+/// Reads a generic AMQP 1.0 broker's message (see the module doc for the fallbacks). Only a
+/// property of a type the schema cannot carry, or an unsupported body, is an error.
+pub fn decode_generic<'a>(
+    message: &'a Message<Body<Value>>,
+    source: &'a str,
+) -> Result<View<'a>, DecodeError> {
+    let props = message.application_properties.as_ref().map(|p| &p.0);
+    let get = |key: &str| props.and_then(|p| p.get(key));
+    let amqp = message.properties.as_ref();
+
+    let (topic, from_property) = match get("topic") {
+        Some(SimpleValue::String(s)) => (s.as_str(), true),
+        Some(SimpleValue::Symbol(s)) => (s.0.as_str(), true),
+        Some(other) => return Err(DecodeError::BadField("topic", type_name(other).into())),
+        None => match amqp.and_then(|p| p.subject.as_deref()) {
+            Some(subject) => (subject, false),
+            None => (source, false),
+        },
+    };
+    let message_id = match get("messageId") {
+        Some(v) => Some(property_id(v)?),
+        None => amqp.and_then(|p| p.message_id.as_ref()).map(amqp_id),
+    };
+    let generate_time = match get("generateTime") {
+        None | Some(SimpleValue::Null) => amqp
+            .and_then(|p| p.creation_time.as_ref())
+            .map(|t| t.milliseconds()),
+        Some(v) => Some(millis(v).ok_or_else(|| {
+            DecodeError::BadField(
+                "generateTime",
+                format!("{} is not milliseconds", type_name(v)),
+            )
+        })?),
+    };
+    let (product_key, device_name) = if from_property {
+        crate::topic::device_of(topic)
+    } else {
+        (None, None)
+    };
+    let body = body_bytes(&message.body)?;
+    Ok(View {
+        topic,
         message_id,
         generate_time,
         product_key,
@@ -171,6 +251,26 @@ pub fn decode(message: &Message<Body<Value>>) -> Result<View<'_>, DecodeError> {
         body,
         props,
     })
+}
+
+/// The application property `messageId` as text.
+fn property_id(v: &SimpleValue) -> Result<std::borrow::Cow<'_, str>, DecodeError> {
+    match v {
+        SimpleValue::String(s) => Ok(s.as_str().into()),
+        v => id_text(v).map(Into::into).ok_or_else(|| {
+            DecodeError::BadField("messageId", format!("{} is not an id", type_name(v)))
+        }),
+    }
+}
+
+/// The AMQP `properties.message-id` as text.
+fn amqp_id(id: &MessageId) -> std::borrow::Cow<'_, str> {
+    match id {
+        MessageId::String(s) => s.as_str().into(),
+        MessageId::Ulong(n) => n.to_string().into(),
+        MessageId::Uuid(u) => uuid_text(u.as_inner()).into(),
+        MessageId::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b).into(),
+    }
 }
 
 impl View<'_> {
@@ -201,7 +301,10 @@ impl View<'_> {
         out.extend_from_slice(b"{\"topic\":");
         json::quote(out, self.topic);
         out.extend_from_slice(b",\"messageId\":");
-        json::quote(out, &self.message_id);
+        match &self.message_id {
+            Some(id) => json::quote(out, id),
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"generateTime\":");
         match self.generate_time {
             Some(t) => out.extend_from_slice(digits.format(t).as_bytes()),
@@ -456,7 +559,7 @@ mod tests {
     struct Line<'a> {
         topic: &'a str,
         #[serde(rename = "messageId")]
-        message_id: &'a str,
+        message_id: Option<&'a str>,
         #[serde(rename = "generateTime")]
         generate_time: Option<i64>,
         #[serde(rename = "productKey")]
@@ -477,7 +580,7 @@ mod tests {
         };
         let line = Line {
             topic: v.topic,
-            message_id: &v.message_id,
+            message_id: v.message_id.as_deref(),
             generate_time: v.generate_time,
             product_key: v.product_key,
             device_name: v.device_name,
@@ -538,7 +641,11 @@ mod tests {
             ];
             let body = bodies[rng.usize(..bodies.len())];
             let m = message(props, data(body));
-            let v = decode(&m).unwrap();
+            let mut v = decode(&m).unwrap();
+            if i % 10 == 0 {
+                // A generic broker's message may have no id at all.
+                v.message_id = None;
+            }
             for mode in [
                 BodyMode::Auto,
                 BodyMode::Json,
@@ -719,6 +826,70 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(line(&m)["messageId"], "p-1");
+    }
+
+    #[test]
+    fn generic_mapping_falls_back_to_the_properties_section_and_the_source() {
+        use fe2o3_amqp::types::primitives::Timestamp;
+        const SOURCE: &str = "/amq/queue/orders";
+        let generic = Mapping::Generic {
+            source: SOURCE.into(),
+        };
+        let render = |m: &Message<Body<Value>>| {
+            let mut out = Vec::new();
+            generic
+                .decode(m)
+                .unwrap()
+                .write_json(BodyMode::Auto, &mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+
+        // Nothing but a body: the source address, no id, no time; still written.
+        let bare = message(vec![], data(b"hello"));
+        let v = render(&bare);
+        assert_eq!(v["topic"], SOURCE);
+        assert_eq!(v["messageId"], serde_json::Value::Null);
+        assert_eq!(v["generateTime"], serde_json::Value::Null);
+        assert_eq!(v["productKey"], serde_json::Value::Null);
+        assert_eq!(v["body"], "hello");
+        assert_eq!(decode(&bare).unwrap_err(), DecodeError::MissingTopic);
+
+        // The AMQP properties section: subject, message-id, creation-time. A subject shaped
+        // like a device topic still names no device.
+        let mut m = message(vec![("seq", SimpleValue::Int(7))], data(b"{}"));
+        m.properties = Some(Properties {
+            message_id: Some(MessageId::Ulong(99)),
+            subject: Some("/a1/dev1/user/x".into()),
+            creation_time: Some(Timestamp::from_milliseconds(1714528800123)),
+            ..Default::default()
+        });
+        let v = render(&m);
+        assert_eq!(v["topic"], "/a1/dev1/user/x");
+        assert_eq!(v["messageId"], "99");
+        assert_eq!(v["generateTime"], 1714528800123i64);
+        assert_eq!(v["deviceName"], serde_json::Value::Null);
+        assert_eq!(v["properties"], serde_json::json!({"seq": 7}));
+
+        // Aliyun's application properties win, and then the topic's shape counts.
+        let mut m = message(base(), data(b"{}"));
+        m.properties = Some(Properties {
+            message_id: Some(MessageId::String("other".into())),
+            subject: Some("subject".into()),
+            ..Default::default()
+        });
+        let v = render(&m);
+        assert_eq!(v["topic"], "/a1/dev1/thing/event/property/post");
+        assert_eq!(v["messageId"], "1765432109876543210");
+        assert_eq!(v["generateTime"], 1714528800123i64);
+        assert_eq!(v["productKey"], "a1");
+        assert_eq!(line(&m), v, "same line as the Alibaba mapping");
+
+        // A property of a type the schema cannot carry is still an error.
+        let bad = message(vec![("topic", SimpleValue::Int(1))], data(b"1"));
+        assert!(matches!(
+            generic.decode(&bad),
+            Err(DecodeError::BadField("topic", _))
+        ));
     }
 
     #[test]

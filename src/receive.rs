@@ -21,7 +21,7 @@ use tokio::time::timeout;
 
 use crate::dedup::Keyer;
 use crate::format::Format;
-use crate::message::{self, BodyMode};
+use crate::message::{BodyMode, Mapping};
 use crate::sink::exec_each::ExecFields;
 use crate::sink::{Acks, Batch, Counters, Item};
 use crate::status::Status;
@@ -35,6 +35,8 @@ pub const ACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How messages are turned into output; shared by every connection.
 #[derive(Debug)]
 pub struct Render {
+    /// How deliveries map onto the schema (per profile kind).
+    pub mapping: Mapping,
     /// `--format`.
     pub format: Format,
     /// `--body`.
@@ -275,7 +277,7 @@ fn take(
     ctx: &PumpContext,
 ) -> Option<(DeliveryInfo, String)> {
     let render = &ctx.render;
-    let view = match message::decode(delivery.message()) {
+    let view = match render.mapping.decode(delivery.message()) {
         Ok(view) => view,
         Err(reason) => {
             tracing::warn!(%reason, delivery_id = delivery.delivery_id(), "rejecting a delivery");
@@ -292,7 +294,7 @@ fn take(
         batch.bytes.extend_from_slice(&view.body);
         Some(Box::new(ExecFields {
             topic: view.topic.to_string(),
-            message_id: view.message_id.to_string(),
+            message_id: view.message_id.as_deref().map(str::to_string),
             generate_time: view.generate_time,
             product_key: view.product_key.map(str::to_string),
             device_name: view.device_name.map(str::to_string),
@@ -302,7 +304,7 @@ fn take(
         None
     };
     let item = Item {
-        key: render.keyer.key(&view.message_id),
+        key: view.message_id.as_deref().map(|id| render.keyer.key(id)),
         generate_time: view.generate_time,
         range: start..batch.bytes.len(),
         exec,

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::cloud::alibaba;
-use crate::config::Profile;
+use crate::config::{Kind, Profile};
 use crate::credentials::{self, Credentials};
 use crate::receive::{self, PumpContext};
 use crate::transport::{self, Endpoint, LinkError, Subscription};
@@ -101,15 +100,15 @@ async fn open(
             .await
             .map_err(Failure::Credentials)?,
     };
-    let mut login = fresh.login;
-    login.client_id = endpoint.container_id.clone();
-    // A fresh timestamp and signature for every attempt.
-    let creds = alibaba::sign(&login, crate::time::now_ms());
+    // A fresh timestamp and signature for every attempt (Alibaba).
+    let creds = fresh
+        .login
+        .sasl(&endpoint.container_id, crate::time::now_ms());
     info!(
         attempt,
         host = %endpoint.host,
         port = endpoint.port,
-        username = %alibaba::masked_username(&creds.username),
+        username = %fresh.login.shown_username(&creds),
         "connecting"
     );
     let started = Instant::now();
@@ -239,7 +238,7 @@ pub async fn supervise(
             Failure::Credentials(_) => "credentials",
             Failure::Link(e) => e.label(),
         });
-        log_failure(attempt, &failure, delay);
+        log_failure(attempt, &failure, delay, profile.kind);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
@@ -256,15 +255,23 @@ enum Failure {
     Link(LinkError),
 }
 
+/// What to check after a rejected login, per kind of profile.
+pub fn login_hint(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Alibaba => "check the AccessKey id and secret, auth_mode, sign_method, consumer_group_id and iot_instance_id",
+        Kind::Amqp => "check `username` and the password",
+    }
+}
+
 /// One line per failed attempt, with the server's words verbatim and the next delay.
-fn log_failure(attempt: u64, failure: &Failure, retry_in: Duration) {
+fn log_failure(attempt: u64, failure: &Failure, retry_in: Duration, kind: Kind) {
     let retry_in = humantime::format_duration(Duration::from_millis(retry_in.as_millis() as u64));
     match failure {
         Failure::Credentials(e) => {
             error!(attempt, error = %e, %retry_in, "cannot read credentials; retrying")
         }
         Failure::Link(e) if e.is_login_rejected() => {
-            error!(attempt, error = %e, %retry_in, "LOGIN REJECTED; retrying")
+            error!(attempt, error = %e, hint = login_hint(kind), %retry_in, "LOGIN REJECTED; retrying")
         }
         Failure::Link(e) => {
             warn!(attempt, error = %e, %retry_in, "connection failed; reconnecting")

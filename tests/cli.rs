@@ -17,7 +17,8 @@ fn listen_with(profile_body: &str, env: &[(&str, &str)]) -> (i32, String) {
     cmd.args(["listen", "--profile", "p", "--config"])
         .arg(&path);
     cmd.env_remove("ALIBABA_CLOUD_ACCESS_KEY_ID")
-        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_SECRET");
+        .env_remove("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+        .env_remove("IOT_SUB_AMQP_PASSWORD");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -119,6 +120,36 @@ fn missing_endpoint_group_and_credentials_are_config_errors() {
     );
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("field `ca_file`"), "{stderr}");
+}
+
+#[test]
+fn amqp_profiles_reject_alibaba_fields_and_need_their_password() {
+    const AMQP: &str =
+        "kind = \"amqp\"\nhost = \"mq.example\"\nusername = \"u\"\nsource = \"/amq/queue/q\"\n";
+    let (code, stderr) = listen_with(
+        &format!("{AMQP}consumer_group_id = \"G\""),
+        &[("IOT_SUB_AMQP_PASSWORD", "pw-1f3c9a")],
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("field `consumer_group_id`") && stderr.contains("Alibaba Cloud field"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = listen_with(&format!("{BASE}password = \"pw\""), &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("field `password`"), "{stderr}");
+
+    let (code, stderr) = listen_with(&format!("{AMQP}cloud = \"amqp\""), &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("field `cloud`"), "{stderr}");
+
+    let (code, stderr) = listen_with(AMQP, &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("field `password`") && stderr.contains("IOT_SUB_AMQP_PASSWORD is not set"),
+        "{stderr}"
+    );
 }
 
 #[test]

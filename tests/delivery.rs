@@ -544,14 +544,25 @@ async fn stdout_as_a_file_dev_null_and_a_full_pipe_loses_nothing() {
     let file = world.dir.path().join("out.jsonl");
     let out = run(std::fs::File::create(&file).unwrap().into(), 200);
     let done = out.wait_with_output().unwrap();
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let in_file = ids_in_file(&file);
     assert_eq!(in_file.len(), 200);
 
     // /dev/null: the accepts are the only trace.
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
     let done = run(null.into(), 200).wait_with_output().unwrap();
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     assert!(world.emulator.wait_accepted(400, T).await);
 
     // A pipe nobody reads for a while: writes hit EAGAIN, then resume where they stopped.
@@ -565,7 +576,11 @@ async fn stdout_as_a_file_dev_null_and_a_full_pipe_loses_nothing() {
     let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
     let text = reader.join().unwrap();
     let done = child.wait_with_output().unwrap();
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let mut seen: HashSet<String> = in_file.into_iter().collect();
     let mut piped = 0;
     for line in text.lines() {

@@ -13,8 +13,8 @@ use tokio::process::Command;
 pub struct ExecFields {
     /// IOT_SUB_TOPIC.
     pub topic: String,
-    /// IOT_SUB_MESSAGE_ID.
-    pub message_id: String,
+    /// IOT_SUB_MESSAGE_ID (empty when the message has none).
+    pub message_id: Option<String>,
     /// IOT_SUB_GENERATE_TIME (ms, empty when absent).
     pub generate_time: Option<i64>,
     /// IOT_SUB_PRODUCT_KEY (empty when the topic names none).
@@ -34,7 +34,10 @@ pub async fn run(
         .arg("-c")
         .arg(&*command)
         .env("IOT_SUB_TOPIC", &fields.topic)
-        .env("IOT_SUB_MESSAGE_ID", &fields.message_id)
+        .env(
+            "IOT_SUB_MESSAGE_ID",
+            fields.message_id.as_deref().unwrap_or(""),
+        )
         .env(
             "IOT_SUB_GENERATE_TIME",
             fields

@@ -32,8 +32,9 @@ pub const CHANNEL_BATCHES: usize = 8;
 pub struct Item {
     /// For the accept.
     pub info: DeliveryInfo,
-    /// Dedup key of the message id.
-    pub key: u64,
+    /// Dedup key of the message id; `None` (a generic broker's message without an id) is
+    /// never suppressed.
+    pub key: Option<u64>,
     /// For `--reorder-window`.
     pub generate_time: Option<i64>,
     /// The rendered output (or, for `--exec-each`, the body) in [`Batch::bytes`].
@@ -118,7 +119,7 @@ pub struct SinkOptions {
 struct Held {
     acks: AckSender,
     info: DeliveryInfo,
-    key: u64,
+    key: Option<u64>,
     generate_time: Option<i64>,
     bytes: Vec<u8>,
 }
@@ -127,7 +128,7 @@ struct Held {
 struct Job {
     acks: AckSender,
     info: DeliveryInfo,
-    key: u64,
+    key: Option<u64>,
     generate_time: Option<i64>,
     fields: Box<ExecFields>,
     body: Vec<u8>,
@@ -137,9 +138,9 @@ struct Job {
 struct Done {
     acks: AckSender,
     info: DeliveryInfo,
-    key: u64,
+    key: Option<u64>,
     generate_time: Option<i64>,
-    message_id: String,
+    message_id: Option<String>,
     result: Result<(), String>,
 }
 
@@ -156,7 +157,7 @@ struct Sink {
     delay: metrics::Histogram,
     // The current write cycle: per message its connection, delivery, dedup key, generateTime.
     out: Vec<u8>,
-    cycle: Vec<(AckSender, DeliveryInfo, u64, Option<i64>)>,
+    cycle: Vec<(AckSender, DeliveryInfo, Option<u64>, Option<i64>)>,
     cycle_keys: dedup::KeySet,
     // Keys of messages held for reordering or queued/running for `--exec-each`: a duplicate
     // arriving meanwhile must not go out a second time.
@@ -296,14 +297,14 @@ fn push_ack(list: &mut Vec<(AckSender, Acks)>, to: &AckSender, info: DeliveryInf
 }
 
 impl Sink {
-    fn is_duplicate(&mut self, key: u64, now: Instant) -> bool {
-        match self.dedup.as_mut() {
-            Some(window) => {
+    fn is_duplicate(&mut self, key: Option<u64>, now: Instant) -> bool {
+        match (self.dedup.as_mut(), key) {
+            (Some(window), Some(key)) => {
                 window.contains(key, now)
                     || self.cycle_keys.contains(&key)
                     || self.in_progress.contains(&key)
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -339,8 +340,8 @@ impl Sink {
             }
             let slice = &bytes[item.range.clone()];
             if let Some(fields) = item.exec {
-                if self.dedup.is_some() {
-                    self.in_progress.insert(item.key);
+                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                    self.in_progress.insert(key);
                 }
                 self.jobs.push_back(Job {
                     acks: acks.clone(),
@@ -351,8 +352,8 @@ impl Sink {
                     body: slice.to_vec(),
                 });
             } else if let Some(reorder) = self.reorder.as_mut() {
-                if self.dedup.is_some() {
-                    self.in_progress.insert(item.key);
+                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                    self.in_progress.insert(key);
                 }
                 let held = Held {
                     acks: acks.clone(),
@@ -366,8 +367,8 @@ impl Sink {
                     .unwrap_or_else(|| crate::time::now_ms() as i64);
                 reorder.push(at, held, now);
             } else {
-                if self.dedup.is_some() {
-                    self.cycle_keys.insert(item.key);
+                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                    self.cycle_keys.insert(key);
                 }
                 self.out.extend_from_slice(slice);
                 self.cycle
@@ -387,8 +388,10 @@ impl Sink {
             None => reorder.release_all(&mut due),
         }
         for held in due {
-            if self.in_progress.remove(&held.key) {
-                self.cycle_keys.insert(held.key);
+            if let Some(key) = held.key {
+                if self.in_progress.remove(&key) {
+                    self.cycle_keys.insert(key);
+                }
             }
             self.out.extend_from_slice(&held.bytes);
             self.cycle
@@ -414,7 +417,7 @@ impl Sink {
                         .fetch_add(cycle.len() as u64, Ordering::Relaxed);
                     for (acks, info, key, generate_time) in cycle {
                         Status::record_delay(&self.delay, generate_time, now_ms);
-                        if let Some(window) = self.dedup.as_mut() {
+                        if let (Some(window), Some(key)) = (self.dedup.as_mut(), key) {
                             window.insert(key, now);
                         }
                         push_ack(&mut self.immediate, &acks, info, true);
@@ -493,17 +496,20 @@ impl Sink {
             message_id,
             result,
         } = done;
-        self.in_progress.remove(&key);
+        if let Some(key) = key {
+            self.in_progress.remove(&key);
+        }
         match result {
             Ok(()) => {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
                 Status::record_delay(&self.delay, generate_time, crate::time::now_ms());
-                if let Some(window) = self.dedup.as_mut() {
+                if let (Some(window), Some(key)) = (self.dedup.as_mut(), key) {
                     window.insert(key, Instant::now());
                 }
                 push_ack(&mut self.immediate, &acks, info, true);
             }
             Err(why) => {
+                let message_id = message_id.as_deref().unwrap_or("-");
                 tracing::warn!(%message_id, result = %why, "exec-each: command failed; releasing the message for redelivery");
                 if let Some(n) = self.budget.as_mut() {
                     *n += 1;

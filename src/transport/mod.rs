@@ -91,7 +91,7 @@ pub enum LinkError {
         problem: tls::TlsProblem,
     },
     /// The server refused the login.
-    #[error("login rejected by the server ({detail}); check the AccessKey id and secret, auth_mode, sign_method, consumer_group_id and iot_instance_id")]
+    #[error("login rejected by the server ({detail})")]
     LoginRejected {
         /// The SASL outcome or the close condition and description, verbatim.
         detail: String,
@@ -425,11 +425,12 @@ pub async fn attach_receiver(
         .auto_accept(false)
         .attach(session)
         .await;
+    use fe2o3_amqp::link::{ReceiverAttachError as A, SessionStopReason as S};
     match receiver {
         Ok(r) => Ok(r),
-        Err(fe2o3_amqp::link::ReceiverAttachError::RemoteClosedWithError(e)) => {
-            Err(remote_error("link", &e))
-        }
+        Err(A::RemoteClosedWithError(e)) => Err(remote_error("link", &e)),
+        // RabbitMQ refuses a link (no such queue) by ending the whole session.
+        Err(A::SessionStopped(S::RemoteEndedWithError(e))) => Err(remote_error("session", &e)),
         Err(e) => Err(after_open_failure(connection, e.to_string(), idle_ms(endpoint)).await),
     }
 }
