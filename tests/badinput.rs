@@ -414,6 +414,39 @@ async fn invalid_encodings_on_the_wire_are_rejected_not_fatal() {
                 ],
             ),
         ),
+        // Sizes and counts serde_amqp subtracts from without checking (a debug build panics
+        // there unless Cargo.toml turns its overflow checks off, as release builds have them).
+        (
+            "cannot decode the message",
+            encoded(
+                "map8-size-0",
+                vec![amqp::described(0x74, &[0xc1, 0x00, 0x00]), body.clone()],
+            ),
+        ),
+        (
+            "cannot decode the message",
+            encoded(
+                "map8-odd-count",
+                vec![
+                    amqp::described(0x74, &[0xc1, 0x02, 0x01, 0x40]),
+                    body.clone(),
+                ],
+            ),
+        ),
+        (
+            "cannot decode the message",
+            encoded(
+                "list8-size-0",
+                vec![
+                    props(TOPIC, "list8-size-0", &[]),
+                    amqp::amqp_sequence(&[])
+                        .into_iter()
+                        .take(3)
+                        .chain([0xc0, 0x00, 0x00])
+                        .collect(),
+                ],
+            ),
+        ),
         // A section descriptor that does not exist.
         (
             "cannot decode the message",
