@@ -439,11 +439,8 @@ async fn invalid_encodings_on_the_wire_are_rejected_not_fatal() {
                 "list8-size-0",
                 vec![
                     props(TOPIC, "list8-size-0", &[]),
-                    amqp::amqp_sequence(&[])
-                        .into_iter()
-                        .take(3)
-                        .chain([0xc0, 0x00, 0x00])
-                        .collect(),
+                    // An amqp-sequence section holding a list8 whose size byte is 0.
+                    amqp::described(0x76, &[0xc0, 0x00, 0x00]),
                 ],
             ),
         ),
