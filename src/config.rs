@@ -85,18 +85,36 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// One line: control characters from the file (a profile name or value with a line break)
+    /// are written escaped, as `\n`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("config error")?;
         if let Some(file) = &self.file {
-            write!(f, " in {}", file.display())?;
+            write!(f, " in {}", OneLine(&file.display().to_string()))?;
         }
         if let Some(profile) = &self.profile {
-            write!(f, ", profile `{profile}`")?;
+            write!(f, ", profile `{}`", OneLine(profile))?;
         }
         if let Some(field) = &self.field {
-            write!(f, ", field `{field}`")?;
+            write!(f, ", field `{}`", OneLine(field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", OneLine(&self.message))
+    }
+}
+
+/// Text with its control characters escaped.
+struct OneLine<'a>(&'a str);
+
+impl fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -926,6 +944,22 @@ mod tests {
     }
 
     const MIN: &str = "host = \"h.example\"\nconsumer_group_id = \"G\"\n";
+
+    #[test]
+    fn errors_stay_on_one_line_whatever_the_file_holds() {
+        let e = parse("[profiles.\"a\\nb\"]\n", "p", None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error, profile `p`: no profile `p` (profiles in the file: a\\nb)"
+        );
+        let e = err("host = \"h:\\r\\n5671\"\nconsumer_group_id = \"G\"");
+        assert!(
+            e.to_string().ends_with(
+                "`h:\\r\\n5671` is not a host name (no scheme, port or path; the port is `port`)"
+            ),
+            "{e}"
+        );
+    }
 
     #[test]
     fn defaults() {

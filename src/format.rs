@@ -197,16 +197,22 @@ fn escape_into(out: &mut String, s: &str) {
     }
 }
 
+/// Milliseconds since the epoch as RFC 3339, if they fall in the years 1970 to 9999 (beyond,
+/// humantime's formatter fails rather than write them).
+fn rfc3339(ms: i64) -> Option<String> {
+    let at = UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
+    let mut out = String::new();
+    write!(out, "{}", humantime::format_rfc3339_millis(at)).ok()?;
+    Some(out)
+}
+
 /// A block per message: time and topic, then the ids and properties, then the body indented.
 fn pretty(view: &View<'_>, body: BodyMode, out: &mut Vec<u8>) {
     let mut s = String::new();
-    let when = view
-        .generate_time
-        .and_then(|ms| u64::try_from(ms).ok())
-        .map(|ms| {
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-        })
-        .unwrap_or_else(|| "-".to_string());
+    let when = match view.generate_time {
+        None => "-".to_string(),
+        Some(ms) => rfc3339(ms).unwrap_or_else(|| ms.to_string()),
+    };
     s.push_str(&when);
     s.push_str("  ");
     escape_into(&mut s, view.topic);
@@ -327,5 +333,24 @@ mod tests {
         assert!(out.ends_with("}\n\n"), "{out}");
         let out = render("pretty", &[0xff, 0]);
         assert!(out.contains("(2 bytes, base64) /wA="), "{out}");
+    }
+
+    #[test]
+    fn pretty_writes_times_beyond_the_year_9999_as_numbers() {
+        assert_eq!(rfc3339(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(rfc3339(253_402_300_800_000), None, "year 10000");
+        assert_eq!(rfc3339(-1), None);
+        let mut m = msg(b"x");
+        let props = m.application_properties.as_mut().unwrap();
+        props
+            .0
+            .insert("generateTime".into(), SimpleValue::Long(i64::MAX));
+        let mut out = Vec::new();
+        Format::Pretty.render(&decode(&m).unwrap(), BodyMode::Auto, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("9223372036854775807  /a1/dev1/user/log\n"),
+            "{out}"
+        );
     }
 }

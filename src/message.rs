@@ -347,7 +347,8 @@ pub fn write_line(message: &Message<Body<Value>>, out: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
-/// The body's bytes: Data sections concatenated; an amqp-value of binary or string taken as is.
+/// The body's bytes: Data sections concatenated; an amqp-value of binary or string taken as is;
+/// no body, or an amqp-value of null, is empty.
 fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
     use std::borrow::Cow;
     match body {
@@ -363,6 +364,8 @@ fn body_bytes(body: &Body<Value>) -> Result<std::borrow::Cow<'_, [u8]>, DecodeEr
         Body::Value(v) => match &v.0 {
             Value::Binary(b) => Ok(Cow::Borrowed(b.as_slice())),
             Value::String(s) => Ok(Cow::Borrowed(s.as_bytes())),
+            // How AMQP libraries (fe2o3 among them) encode a message without a body.
+            Value::Null => Ok(Cow::Borrowed(&[])),
             _ => Err(DecodeError::UnsupportedBody(
                 "amqp-value that is not binary or string",
             )),
@@ -793,6 +796,12 @@ mod tests {
         );
         assert!(matches!(err, Err(DecodeError::UnsupportedBody(_))));
         assert!(out.is_empty());
+        // An amqp-value of null is how a message without a body is usually encoded.
+        let v = line(&message(base(), Body::Value(AmqpValue(Value::Null))));
+        assert_eq!(
+            (&v["bodyEncoding"], &v["body"]),
+            (&"text".into(), &"".into())
+        );
     }
 
     #[test]

@@ -147,7 +147,7 @@ pub async fn pump(
                 }
                 Err(RecvError::MessageDecode(e)) => {
                     let reason = format!("cannot decode the message: {}", e.source);
-                    tracing::warn!(%reason, "rejecting a delivery");
+                    tracing::warn!(%reason, delivery_id = e.info.delivery_id(), "rejecting a delivery");
                     reject(sub, e.info, reason, ctx).await?;
                 }
                 Err(e) => return Err(recv_error(sub, e).await),

@@ -11,6 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,9 @@ const REORDER_WINDOW: usize = 8;
 pub(crate) struct Queued {
     pub key: u64,
     pub msg: Arc<DeviceMessage>,
+    /// Fault injection: the message's sections byte for byte, sent instead of `msg` (which then
+    /// only carries the id for accounting).
+    pub encoded: Option<Bytes>,
 }
 
 /// What a connection's pump takes: one message and one delivery number per copy to send
@@ -36,6 +40,7 @@ pub(crate) struct Queued {
 pub(crate) struct Taken {
     pub seqs: Vec<u64>,
     pub msg: Arc<DeviceMessage>,
+    pub encoded: Option<Bytes>,
 }
 
 /// How one delivery ended.
@@ -137,6 +142,22 @@ impl Backlog {
 
     /// Enqueues without waiting (never drops; may exceed `BACKLOG_BOUND`).
     pub fn publish(&self, msg: DeviceMessage) {
+        self.enqueue(msg, None);
+    }
+
+    /// Enqueues hand-encoded message sections (fault injection), accounted under `message_id`.
+    pub fn publish_encoded(&self, message_id: String, sections: Bytes) {
+        let placeholder = DeviceMessage {
+            topic: String::new(),
+            message_id,
+            generate_time: 0,
+            body: Vec::new(),
+            extra_properties: Vec::new(),
+        };
+        self.enqueue(placeholder, Some(sections));
+    }
+
+    fn enqueue(&self, msg: DeviceMessage, encoded: Option<Bytes>) {
         {
             let mut g = self.lock();
             let key = g.next_key;
@@ -144,6 +165,7 @@ impl Backlog {
             g.ready.push_back(Queued {
                 key,
                 msg: Arc::new(msg),
+                encoded,
             });
         }
         self.work.notify_waiters();
@@ -363,7 +385,11 @@ impl Inner {
             seqs.push(seq);
         }
         *self.copies.entry(q.key).or_insert(0) += copies as u32;
-        Some(Taken { seqs, msg: q.msg })
+        Some(Taken {
+            seqs,
+            msg: q.msg,
+            encoded: q.encoded,
+        })
     }
 
     fn count_transfer(&mut self, id: String) {

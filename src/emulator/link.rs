@@ -7,21 +7,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fe2o3_amqp::acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle};
 use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::types::definitions::{self, AmqpError, Role};
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Data, Message, MessageId, Outcome, Properties,
+    AmqpValue, ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
 };
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
+use fe2o3_amqp::types::primitives::{Binary, LazyValue, SimpleValue};
 use fe2o3_amqp::Sender;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::backlog::{Backlog, Settled};
+use super::backlog::{Backlog, Settled, Taken};
 use super::{DeviceMessage, ExtraValue};
 
 /// Bound on link-level handshakes (attach accept, refusing detach).
@@ -141,15 +143,14 @@ pub(crate) async fn pump(
     cancel: CancellationToken,
 ) -> PumpEnd {
     loop {
-        let Some(taken) = backlog.next(conn_id, &cancel).await else {
+        let Some(mut taken) = backlog.next(conn_id, &cancel).await else {
             return PumpEnd::Cancelled;
         };
-        let mut seqs = taken.seqs.into_iter();
+        let mut seqs = std::mem::take(&mut taken.seqs).into_iter();
         while let Some(seq) = seqs.next() {
-            let message = build_message(&taken.msg, message_id_as_long);
             let sent = tokio::select! {
                 _ = cancel.cancelled() => return PumpEnd::Cancelled,
-                r = sender.send_batchable(message) => r,
+                r = send_one(&mut sender, &taken, message_id_as_long) => r,
             };
             match sent {
                 Ok(fut) => {
@@ -182,6 +183,56 @@ pub(crate) async fn pump(
                 }
             }
         }
+    }
+}
+
+/// Sends one copy of a taken message: built from its fields, or its hand-encoded sections.
+async fn send_one(
+    sender: &mut Sender,
+    taken: &Taken,
+    message_id_as_long: bool,
+) -> Result<Outcomes, SendError> {
+    match &taken.encoded {
+        Some(sections) => sender.send_batchable(encoded_message(sections)).await,
+        None => {
+            sender
+                .send_batchable(build_message(&taken.msg, message_id_as_long))
+                .await
+        }
+    }
+}
+
+/// A message that serializes as `00 53 77 40` (an empty amqp-value section) followed by
+/// `sections` verbatim: fe2o3 writes a `LazyValue` as its bytes, with no checks.
+fn encoded_message(sections: &Bytes) -> Message<Body<LazyValue>> {
+    let mut raw = Vec::with_capacity(1 + sections.len());
+    raw.push(0x40); // null: the value of the amqp-value section fe2o3 opens the body with
+    raw.extend_from_slice(sections);
+    let lazy = LazyValue::deserialize(Verbatim(raw))
+        .expect("LazyValue takes any byte buffer from a deserializer");
+    Message::builder()
+        .body(Body::Value(AmqpValue(lazy)))
+        .build()
+}
+
+/// A deserializer that hands over its bytes as they are. `LazyValue`'s public constructors
+/// only take one well-formed AMQP value; its `Deserialize` takes any byte buffer.
+struct Verbatim(Vec<u8>);
+
+impl<'de> serde::Deserializer<'de> for Verbatim {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_byte_buf(self.0)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
     }
 }
 

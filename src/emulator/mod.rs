@@ -349,6 +349,21 @@ impl Emulator {
         self.shared.backlog.publish_wait(msg).await;
     }
 
+    /// Fault injection: enqueues a delivery whose message is given byte for byte, for
+    /// malformed input no typed message can express (invalid UTF-8 in a string, a list where
+    /// only simple values are allowed, an encoding cut short). `sections` are encoded AMQP
+    /// message sections (e.g. application-properties, then data); they go on the wire as they
+    /// are, after one empty amqp-value section (`00 53 77 40`) that fe2o3's sender always
+    /// writes first. fe2o3's receiver reads sections in any order and a later body section
+    /// replaces the earlier one, so it sees the given sections as if they came alone.
+    /// `message_id` only labels the delivery in [`Emulator::stats`] and
+    /// [`Emulator::accepted_ids`]; nothing of it is sent.
+    pub fn publish_encoded(&self, message_id: impl Into<String>, sections: Vec<u8>) {
+        self.shared
+            .backlog
+            .publish_encoded(message_id.into(), sections.into());
+    }
+
     /// Fault injection on every current connection.
     pub fn drop_connections(&self, how: Drop) {
         let reg = self.shared.registry();
