@@ -210,7 +210,7 @@ python3 "$ROOT/bench/soak_report.py" report \
   --drop-every "$DROP_EVERY" --sample-every "$SAMPLE_EVERY" --drain-s "$DRAIN_S" \
   --client-rc "$client_rc" --emulator-rc "$emu_rc" --busy-ticks "$((BUSY1 - BUSY0))" \
   --load "$LOAD0" "$LOAD1" \
-  --command "bash bench/soak.sh $*" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --command "$(env | grep '^SOAK_' | sort | tr '\n' ' ')bash bench/soak.sh $*" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   --rustc "$(rustc --version)" || verdict_rc=$?
 note "report: $REPORT"
 exit "$verdict_rc"

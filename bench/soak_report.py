@@ -88,6 +88,25 @@ def prometheus(path):
     return out
 
 
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z")
+
+
+def reattach_seconds(client_log):
+    """For each lost connection in the client's text log, seconds until the next link attached."""
+    gaps, lost_at = [], None
+    for line in client_log.splitlines():
+        m = LOG_TIME.match(line)
+        if not m:
+            continue
+        t = datetime.fromisoformat(m.group(1)[:26]).timestamp()
+        if "connection failed; reconnecting" in line and lost_at is None:
+            lost_at = t
+        elif "receiver link attached" in line and lost_at is not None:
+            gaps.append(t - lost_at)
+            lost_at = None
+    return gaps
+
+
 def median(rows, col):
     vals = [r[col] for r in rows if isinstance(r.get(col), float)]
     return statistics.median(vals) if vals else None
@@ -130,6 +149,7 @@ def report(a):
     usr1 = sum(1 for m, _ in events if m.startswith("SIGUSR1"))
     usr2 = sum(1 for m, _ in events if m.startswith("SIGUSR2"))
     attached = client_log.count("receiver link attached")
+    gaps = reattach_seconds(client_log)
     reconnects = {
         k.split('cause="', 1)[-1].rstrip('"}'): v
         for k, v in final.items()
@@ -230,6 +250,8 @@ def report(a):
     p(f"| distinct messageIds in the output | {distinct} |")
     p(f"| lost (generated − distinct in the output) | {lost} |")
     p(f"| lines repeating an id already written | {lines - distinct - unparsed} |")
+    p(f"| redeliveries the client dropped as duplicates (`iot_sub_messages_duplicate_total`) | "
+      f"{fmt(final.get('iot_sub_messages_duplicate_total'))} |")
     p(f"| drain after the last message was generated | {a.drain_s} s |")
     p(f"| client exit status after SIGTERM | {a.client_rc} |")
     p("")
@@ -240,6 +262,11 @@ def report(a):
       f"plus one per drop). Reconnects counted by the client, by cause: "
       + (", ".join(f"`{cause}` {v:g}" for cause, v in sorted(reconnects.items())) or "none")
       + ".")
+    if gaps:
+        p("")
+        p(f"From each lost connection to the next attached receiver link (the client's log, "
+          f"reconnect backoff included): median {statistics.median(gaps) * 1000:.0f} ms, "
+          f"max {max(gaps) * 1000:.0f} ms over {len(gaps)} reconnects.")
     p("")
     p(f"## Samples ({w:g} s windows)")
     p("")
