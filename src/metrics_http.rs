@@ -102,6 +102,10 @@ fn describe() {
         "Deliveries handed to the output and not yet settled."
     );
     describe_gauge!("iot_sub_link_credit", "Link credit a connection has left.");
+    describe_gauge!(
+        "iot_sub_tokio_alive_tasks",
+        "Tasks alive in the async runtime (flat over a long run; growth means a leak)."
+    );
     describe_histogram!(
         DELAY_HISTOGRAM,
         Unit::Seconds,

@@ -144,6 +144,11 @@ impl Status {
         metrics::gauge!("iot_sub_connected_links").set(self.attached() as f64);
         metrics::gauge!("iot_sub_in_flight").set(self.in_flight.load(Ordering::Relaxed) as f64);
         metrics::gauge!("iot_sub_up").set(if self.healthy() { 1.0 } else { 0.0 });
+        // Read on scrape only: a number that keeps growing over a long run means leaked tasks.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            metrics::gauge!("iot_sub_tokio_alive_tasks")
+                .set(runtime.metrics().num_alive_tasks() as f64);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{json_message, Client, World};
+use iot_sub::emulator::Drop;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -234,4 +235,52 @@ async fn a_taken_port_is_an_error_at_start_and_a_bad_address_a_usage_error() {
         "{}",
         client.stderr()
     );
+}
+
+/// Reconnects leave no task behind: after the server drops the connection again and again
+/// (both ways), the runtime's alive-task gauge comes back to where it was with one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alive_tasks_come_back_to_their_level_after_reconnects() {
+    const DROPS: usize = 8;
+    // Scrape connections and closing tasks may still be around; one leaked task per reconnect
+    // (DROPS in all) is well past this.
+    const SLACK: f64 = 3.0;
+    let world = World::start().await;
+    let port = free_port();
+    let profile = world.profile("backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"");
+    let client = Client::listen(&profile, &["--metrics-listen", &port.to_string()]);
+    world.emulator.publish(json_message(0));
+    assert!(
+        world.emulator.wait_accepted(1, T).await,
+        "{}",
+        client.stderr()
+    );
+    let text = scrape_until(port, "iot_sub_connected_links", |v| v == 1.0);
+    let baseline = sample(&text, "iot_sub_tokio_alive_tasks")
+        .unwrap_or_else(|| panic!("iot_sub_tokio_alive_tasks in the scrape:\n{text}"));
+    assert!(baseline >= 1.0, "the scrape itself runs in a task:\n{text}");
+
+    for i in 1..=DROPS {
+        let how = if i % 2 == 1 {
+            Drop::ServerClose
+        } else {
+            Drop::TcpReset
+        };
+        world.emulator.drop_connections(how);
+        client.wait_stderr("receiver link attached", i + 1, T);
+        // The new link carries messages before the next drop.
+        world.emulator.publish(json_message(i));
+        assert!(
+            world.emulator.wait_accepted(i + 1, T).await,
+            "{:?}\n{}",
+            world.emulator.stats(),
+            client.stderr()
+        );
+    }
+    scrape_until(
+        port,
+        "iot_sub_reconnects_total{cause=\"server_closed\"}",
+        |v| v >= (DROPS / 2) as f64,
+    );
+    scrape_until(port, "iot_sub_tokio_alive_tasks", |v| v <= baseline + SLACK);
 }
