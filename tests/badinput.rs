@@ -651,3 +651,43 @@ async fn huge_bodies_span_many_frames_and_arrive_whole() {
     // At most 64 KiB per frame on either side: that is over 256 transfer frames.
     assert!(decoded == binary, "the 16 MiB body arrives byte for byte");
 }
+
+/// A string whose length field claims ~4 GiB while the message holds a few bytes. Unpatched,
+/// the AMQP decoder allocated the claimed size first; under an address-space limit (like
+/// `LimitAS=` or a small device) that aborted the process, and the cloud redelivered the
+/// message to the restarted one: a crash loop. vendor/serde_amqp/PATCH.md has the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_claiming_gigabytes_is_rejected_without_allocating_it() {
+    let world = World::start().await;
+    let mut liar = vec![0xb1]; // str32-utf8
+    liar.extend_from_slice(&0xF000_0000u32.to_be_bytes());
+    liar.extend_from_slice(b"short");
+    let sections = [
+        props(TOPIC, "liar", &[("note", liar)]),
+        amqp::data(br#"{"a":1}"#),
+    ]
+    .concat();
+    world.emulator.publish_encoded(String::from("liar"), sections);
+    let good = json_message(1);
+    world.emulator.publish(good.clone());
+
+    let profile = world.profile("credit = 4");
+    // 1 GiB of address space: plenty for iot-sub, far short of the claimed 3.75 GiB.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\""])
+        .arg(common::bin())
+        .args(["listen", "--config"])
+        .arg(&profile)
+        .args(["--profile", "t", "--count", "1"])
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", common::KEY_SECRET)
+        .env("RUST_LOG", "info");
+    let mut client = Client::spawn(cmd);
+    let lines = client.read_lines(1, T);
+    let status = client.wait(T);
+    let stderr = client.stderr();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert_eq!(ids(&lines), vec![good.message_id]);
+    wait_rejected(&world.emulator, 1).await;
+    assert!(stderr.contains("rejecting a delivery"), "{stderr}");
+    assert!(!stderr.contains("memory allocation"), "{stderr}");
+}

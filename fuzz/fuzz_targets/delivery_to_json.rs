@@ -44,7 +44,7 @@ fuzz_target!(|payload: &[u8]| {
         );
         let line: serde_json::Value = serde_json::from_slice(&out).expect("the line is JSON");
         assert_eq!(line["topic"].as_str(), Some(view.topic));
-        assert_eq!(line["messageId"].as_str(), Some(&*view.message_id));
+        assert_eq!(line["messageId"].as_str(), view.message_id.as_deref());
         out.clear();
         template.render(&view, mode, &mut out);
         assert_eq!(
