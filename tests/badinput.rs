@@ -667,7 +667,9 @@ async fn a_length_claiming_gigabytes_is_rejected_without_allocating_it() {
         amqp::data(br#"{"a":1}"#),
     ]
     .concat();
-    world.emulator.publish_encoded(String::from("liar"), sections);
+    world
+        .emulator
+        .publish_encoded(String::from("liar"), sections);
     let good = json_message(1);
     world.emulator.publish(good.clone());
 
