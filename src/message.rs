@@ -421,26 +421,28 @@ fn classify_body(bytes: &[u8], mode: BodyMode) -> (BodyEncoding, BodyOut<'_>) {
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
         (BodyEncoding::Base64, BodyOut::Base64(b64))
     };
-    let plain = mode != BodyMode::Base64 && is_plain_ascii(bytes);
     let text = match (mode, std::str::from_utf8(bytes)) {
         (BodyMode::Base64, _) | (_, Err(_)) => return base64(),
         (BodyMode::Text, Ok(text)) => return (BodyEncoding::Text, BodyOut::Text(text)),
-        (_, Ok(text)) if plain || is_text(text) => text,
-        (BodyMode::Json, Ok(text)) if json::value_span(text).is_some() => text,
-        _ => return base64(),
+        (_, Ok(text)) => text,
     };
-    if let Some(raw) = json::value_span(text) {
-        // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings must
-        // escape them), so replacing them by spaces keeps the value and keeps it on one line.
-        if plain || !raw.contains(['\n', '\r']) {
-            return (BodyEncoding::Json, BodyOut::Json(raw));
+    // Printable ASCII settles "is text" and "has no line break" in one pass.
+    let plain = is_plain_ascii(bytes);
+    let is_text = plain || is_text(text);
+    match json::value_span(text) {
+        Some(raw) if is_text || mode == BodyMode::Json => {
+            // Inside valid JSON a raw CR or LF can only be insignificant whitespace (strings
+            // must escape them), so replacing them by spaces keeps the value on one line.
+            if plain || !raw.contains(['\n', '\r']) {
+                (BodyEncoding::Json, BodyOut::Json(raw))
+            } else {
+                let one_line = raw.replace(['\n', '\r'], " ");
+                (BodyEncoding::Json, BodyOut::JsonOneLine(one_line))
+            }
         }
-        return (
-            BodyEncoding::Json,
-            BodyOut::JsonOneLine(raw.replace(['\n', '\r'], " ")),
-        );
+        _ if is_text => (BodyEncoding::Text, BodyOut::Text(text)),
+        _ => base64(),
     }
-    (BodyEncoding::Text, BodyOut::Text(text))
 }
 
 /// The application properties other than the three schema fields.

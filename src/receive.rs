@@ -107,7 +107,7 @@ pub async fn pump(
             _ = stop.cancelled() => break 'receiving,
             Some(acks) = ack_rx.recv() => {
                 outstanding -= pending.add(acks, &mut ack_timer);
-                if pending.len() >= ACK_BATCH || outstanding + pending.len() >= ctx.credit {
+                if pending.must_send(outstanding, ctx.credit) {
                     pending.send(sub, ctx, &mut last_sent).await?;
                 }
                 continue;
@@ -163,7 +163,7 @@ pub async fn pump(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + ACK_DELAY);
         }
-        if pending.len() >= ACK_BATCH {
+        if pending.must_send(outstanding, ctx.credit) {
             pending.send(sub, ctx, &mut last_sent).await?;
         }
         ctx.counters
@@ -235,6 +235,12 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Send now rather than after the delay: enough are waiting, or nothing more can be
+    /// received until they are sent.
+    fn must_send(&self, outstanding: usize, credit: usize) -> bool {
+        self.len() >= ACK_BATCH || outstanding + self.len() >= credit
     }
 
     /// Takes the sink's decisions; returns how many deliveries they settle.

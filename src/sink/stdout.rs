@@ -66,24 +66,24 @@ impl StdoutWriter {
         match self {
             StdoutWriter::Direct(file) => file.write_all(batch),
             StdoutWriter::NoWait(fd) => match write_nowait(fd, batch).await {
+                Ok(result) => result,
                 Err(Unsupported(written)) => {
                     tracing::debug!("RWF_NOWAIT not supported on stdout; using a blocking thread");
-                    *self = StdoutWriter::Blocking(tokio::io::stdout());
-                    self.write_blocking_rest(&batch[written..]).await
+                    let mut out = tokio::io::stdout();
+                    let result = write_blocking(&mut out, &batch[written..]).await;
+                    *self = StdoutWriter::Blocking(out);
+                    result
                 }
-                Ok(result) => result,
             },
-            StdoutWriter::Blocking(_) => self.write_blocking_rest(batch).await,
+            StdoutWriter::Blocking(out) => write_blocking(out, batch).await,
         }
     }
+}
 
-    async fn write_blocking_rest(&mut self, rest: &[u8]) -> io::Result<()> {
-        let StdoutWriter::Blocking(out) = self else {
-            unreachable!("called only in blocking mode")
-        };
-        out.write_all(rest).await?;
-        out.flush().await
-    }
+/// tokio's path: the write and the flush each go to its blocking pool.
+async fn write_blocking(out: &mut tokio::io::Stdout, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(bytes).await?;
+    out.flush().await
 }
 
 /// The kernel refused `RWF_NOWAIT` after this many bytes were written.
