@@ -16,7 +16,7 @@ use crate::format::Format;
 use crate::message::{BodyMode, Mapping};
 use crate::receive::{PumpContext, Render};
 use crate::sink::writer::{ExecChild, Writer};
-use crate::sink::{self, Counters, SinkOptions, Target, CHANNEL_BATCHES};
+use crate::sink::{self, Counters, SinkOptions, Target, CHANNEL_BATCHES_PER_CONNECTION};
 use crate::status::Status;
 use crate::stop::{StopReason, Stopper};
 use crate::supervisor;
@@ -146,7 +146,8 @@ pub async fn listen(
         )))),
         (None, None) => Target::Write(stdout),
     };
-    let (to_sink, sink_rx) = mpsc::channel(CHANNEL_BATCHES);
+    let (to_sink, sink_rx) =
+        mpsc::channel(CHANNEL_BATCHES_PER_CONNECTION * profile.connections as usize);
     let sink = tokio::spawn(sink::run(
         sink_rx,
         SinkOptions {

@@ -73,9 +73,11 @@ pub struct PumpContext {
     pub keepalive: Duration,
 }
 
-/// Accepts are held back this long at most, so that a connection receiving one message at a
-/// time sends one disposition for several of them instead of one each.
-pub const ACK_DELAY: Duration = Duration::from_millis(10);
+/// Accepts are collected and sent this often (and at once when this many are waiting, or
+/// when nothing more can be received without them), so that a connection receiving one
+/// message at a time sends one disposition for several of them, and is not woken for every
+/// write of the sink.
+pub const ACK_DELAY: Duration = Duration::from_millis(50);
 /// ... and sent at once when this many are waiting.
 const ACK_BATCH: usize = 64;
 
@@ -87,43 +89,49 @@ pub async fn pump(
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), LinkError> {
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Acks>();
-    // Handed to the sink and not yet back.
-    let mut outstanding = 0usize;
-    // Settled by the sink (or here), not yet sent to the server.
-    let mut pending = Pending::default();
+    let mut acks = AckState {
+        rx: &mut ack_rx,
+        outstanding: 0,
+        pending: Pending::default(),
+        timer: Box::pin(tokio::time::sleep(ACK_DELAY)),
+        armed: false,
+        last_sent: tokio::time::Instant::now(),
+    };
     // The keep-alive checks at half its period whether anything was sent in the last half.
     let mut keepalive = tokio::time::interval(ctx.keepalive / 2);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.reset();
-    let mut last_sent = tokio::time::Instant::now();
-    let ack_timer = tokio::time::sleep(ACK_DELAY);
-    tokio::pin!(ack_timer);
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     // The last batch's size, to allocate the next one once.
     let mut last_batch = (1024usize, 4usize);
 
     'receiving: loop {
+        let starved = acks.starved(ctx.credit);
         let first = tokio::select! {
             biased;
-            _ = stop.cancelled() => break 'receiving,
-            Some(acks) = ack_rx.recv() => {
-                outstanding -= pending.add(acks, &mut ack_timer);
-                if pending.must_send(outstanding, ctx.credit) {
-                    pending.send(sub, ctx, &mut last_sent).await?;
-                }
-                continue;
-            }
-            _ = &mut ack_timer, if !pending.is_empty() => {
-                pending.send(sub, ctx, &mut last_sent).await?;
-                continue;
-            }
+            _ = &mut cancelled => break 'receiving,
             // Past the credit, wait for the sink's accepts: this keeps what is unsettled, and so
             // memory, bounded by the credit however slow the output is.
-            r = sub.receiver.recv::<Body<Value>>(), if outstanding + pending.len() < ctx.credit => r,
+            Some(more) = acks.rx.recv(), if starved => {
+                acks.add(more);
+                acks.collect();
+                acks.send(sub, ctx).await?;
+                continue;
+            }
+            _ = &mut acks.timer, if acks.armed => {
+                acks.armed = false;
+                acks.collect();
+                acks.send(sub, ctx).await?;
+                acks.arm_if_waiting();
+                continue;
+            }
+            r = sub.receiver.recv::<Body<Value>>(), if !starved => r,
             _ = keepalive.tick() => {
-                if last_sent.elapsed() >= ctx.keepalive / 2 {
+                if acks.last_sent.elapsed() >= ctx.keepalive / 2 {
                     let sent = send(sub.receiver.send_properties(), "keep-alive flow").await;
                     explained(sub, sent).await?;
-                    last_sent = tokio::time::Instant::now();
+                    acks.last_sent = tokio::time::Instant::now();
                 }
                 continue;
             }
@@ -134,14 +142,14 @@ pub async fn pump(
             items: Vec::with_capacity(last_batch.1),
             acks: ack_tx.clone(),
         };
-        let had_pending = !pending.is_empty();
         let mut taken = 0usize;
         let mut next = Some(first);
         while let Some(received) = next.take() {
             taken += 1;
             match received {
                 Ok(delivery) => {
-                    if let Some((info, reason)) = take(delivery, &mut batch, &mut pending, ctx) {
+                    if let Some((info, reason)) = take(delivery, &mut batch, &mut acks.pending, ctx)
+                    {
                         reject(sub, info, reason, ctx).await?;
                     }
                 }
@@ -153,24 +161,22 @@ pub async fn pump(
                 Err(e) => return Err(recv_error(sub, e).await),
             }
             // Take what is already here without waiting: recv() is cancel-safe.
-            if taken < ctx.max_batch && outstanding + pending.len() + taken < ctx.credit {
+            if taken < ctx.max_batch && !acks.starved(ctx.credit.saturating_sub(taken)) {
                 next = sub.receiver.recv::<Body<Value>>().now_or_never();
             }
         }
-        // Filtered-out deliveries are accepted here, on the same delay.
-        if !had_pending && !pending.is_empty() {
-            ack_timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + ACK_DELAY);
-        }
-        if pending.must_send(outstanding, ctx.credit) {
-            pending.send(sub, ctx, &mut last_sent).await?;
+        // Awake anyway: take the accepts that are already back, without waiting for them.
+        acks.collect();
+        if acks.pending.must_send(acks.outstanding, ctx.credit) {
+            acks.send(sub, ctx).await?;
         }
         ctx.counters
             .received
             .fetch_add(taken as u64, Ordering::Relaxed);
         ctx.credit_gauge.set(f64::from(sub.receiver.credit()));
         if batch.items.is_empty() {
+            // Filtered-out deliveries are accepted here, on the same delay.
+            acks.arm_if_waiting();
             continue;
         }
         last_batch = (batch.bytes.len().max(512), batch.items.len());
@@ -179,45 +185,111 @@ pub async fn pump(
         let n = batch.items.len();
         let mut batch = Some(batch);
         while let Some(b) = batch.take() {
+            let starved = acks.starved(ctx.credit);
             tokio::select! {
                 biased;
                 permit = ctx.sink.reserve() => match permit {
                     Ok(permit) => {
                         permit.send(b);
-                        outstanding += n;
+                        acks.outstanding += n;
                         ctx.status.in_flight_add(n as i64);
                     }
                     // The sink is gone: the run is ending; the cloud redelivers.
                     Err(_) => break 'receiving,
                 },
-                Some(acks) = ack_rx.recv() => {
-                    outstanding -= pending.add(acks, &mut ack_timer);
-                    pending.send(sub, ctx, &mut last_sent).await?;
+                Some(more) = acks.rx.recv(), if starved => {
+                    acks.add(more);
+                    acks.send(sub, ctx).await?;
+                    batch = Some(b);
+                }
+                _ = &mut acks.timer, if acks.armed => {
+                    acks.armed = false;
+                    acks.collect();
+                    acks.send(sub, ctx).await?;
+                    acks.arm_if_waiting();
                     batch = Some(b);
                 }
                 // Stopping: this batch was not handed over and is not accepted.
-                _ = stop.cancelled() => break 'receiving,
+                _ = &mut cancelled => break 'receiving,
             }
         }
+        acks.arm_if_waiting();
     }
 
     // Stopped: wait (bounded) for the accepts of what the sink already has.
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_TIMEOUT;
-    while outstanding > 0 {
+    while acks.outstanding > 0 {
         tokio::select! {
-            Some(acks) = ack_rx.recv() => {
-                outstanding -= pending.add(acks, &mut ack_timer);
-                pending.send(sub, ctx, &mut last_sent).await?;
+            Some(more) = acks.rx.recv() => {
+                acks.add(more);
+                acks.collect();
+                acks.send(sub, ctx).await?;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(outstanding, "stopping without the accepts of some messages; they will be redelivered");
-                ctx.status.in_flight_add(-(outstanding as i64));
+                tracing::warn!(outstanding = acks.outstanding, "stopping without the accepts of some messages; they will be redelivered");
+                ctx.status.in_flight_add(-(acks.outstanding as i64));
                 break;
             }
         }
     }
-    pending.send(sub, ctx, &mut last_sent).await?;
+    acks.collect();
+    acks.send(sub, ctx).await?;
     Ok(())
+}
+
+/// One connection's side of the accepts: what the sink has, what came back, and when to send.
+struct AckState<'a> {
+    /// The sink's decisions. Read on the timer (or when starved), not as they come: a
+    /// connection woken for every write of the sink costs more than the wait.
+    rx: &'a mut mpsc::UnboundedReceiver<Acks>,
+    /// Handed to the sink and not yet back.
+    outstanding: usize,
+    /// Settled by the sink (or here), not yet sent to the server.
+    pending: Pending,
+    /// Collects and sends at most [`ACK_DELAY`] after something was waiting.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// When a frame last went to the server (for the keep-alive).
+    last_sent: tokio::time::Instant,
+}
+
+impl AckState<'_> {
+    /// Nothing more may be received until some accepts are back and sent.
+    fn starved(&self, credit: usize) -> bool {
+        self.outstanding + self.pending.len() >= credit
+    }
+
+    fn add(&mut self, acks: Acks) {
+        self.outstanding -= self.pending.add(acks);
+    }
+
+    /// Takes whatever the sink has sent back, without waiting.
+    fn collect(&mut self) {
+        while let Ok(acks) = self.rx.try_recv() {
+            self.add(acks);
+        }
+    }
+
+    /// Starts the delay if something is with the sink or waiting to be sent.
+    fn arm_if_waiting(&mut self) {
+        if !self.armed && (self.outstanding > 0 || !self.pending.is_empty()) {
+            self.armed = true;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
+        }
+    }
+
+    async fn send(&mut self, sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        apply(sub, std::mem::take(&mut self.pending.acks), ctx).await?;
+        ctx.status
+            .in_flight_add(-(std::mem::take(&mut self.pending.from_sink) as i64));
+        self.last_sent = tokio::time::Instant::now();
+        Ok(())
+    }
 }
 
 /// Dispositions decided but not yet sent; they still count against the credit.
@@ -244,33 +316,12 @@ impl Pending {
     }
 
     /// Takes the sink's decisions; returns how many deliveries they settle.
-    fn add(&mut self, acks: Acks, timer: &mut std::pin::Pin<&mut tokio::time::Sleep>) -> usize {
+    fn add(&mut self, acks: Acks) -> usize {
         let n = acks.accept.len() + acks.release.len();
-        if self.is_empty() {
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + ACK_DELAY);
-        }
         self.acks.accept.extend(acks.accept);
         self.acks.release.extend(acks.release);
         self.from_sink += n;
         n
-    }
-
-    async fn send(
-        &mut self,
-        sub: &mut Subscription,
-        ctx: &PumpContext,
-        last_sent: &mut tokio::time::Instant,
-    ) -> Result<(), LinkError> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        apply(sub, std::mem::take(&mut self.acks), ctx).await?;
-        ctx.status
-            .in_flight_add(-(std::mem::take(&mut self.from_sink) as i64));
-        *last_sent = tokio::time::Instant::now();
-        Ok(())
     }
 }
 

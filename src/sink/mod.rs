@@ -23,9 +23,12 @@ use crate::stop::{StopReason, Stopper};
 use exec_each::ExecFields;
 use writer::Writer;
 
-/// Batches in flight from the connections to the sink: with each batch at most credit/2
-/// messages, this bounds memory; a full channel stops the connections, and so the credit.
-pub const CHANNEL_BATCHES: usize = 8;
+/// Batches in flight from each connection to the sink. The channel holds this many per
+/// connection, so that connections woken together do not wait on each other to hand over one
+/// delivery each; memory stays bounded by the link credit (a connection has at most `credit`
+/// messages unsettled, in batches of at most credit/2), and a full channel stops the
+/// connections, and so the credit.
+pub const CHANNEL_BATCHES_PER_CONNECTION: usize = 8;
 
 /// One message on its way out.
 #[derive(Debug)]
@@ -231,7 +234,7 @@ pub async fn run(
                 Some(batch) => {
                     sink.admit(batch);
                     // Take what else is waiting, up to a bound, to write it in one go.
-                    for _ in 0..CHANNEL_BATCHES {
+                    for _ in 0..rx.max_capacity() {
                         match rx.try_recv() {
                             Ok(batch) => sink.admit(batch),
                             Err(_) => break,
