@@ -476,6 +476,47 @@ async fn several_connections_share_the_work_with_their_own_client_ids() {
     }
 }
 
+/// A connection that receives one message at a time still settles many deliveries per
+/// Disposition frame: it collects the sink's accepts on its timer (src/receive.rs) instead of
+/// sending them as each write completes. Sent as they came, that is one frame per delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_receiving_one_message_at_a_time_settles_many_per_disposition() {
+    let world = World::start().await;
+    let profile = world.profile("");
+    let mut client = Client::listen(&profile, &[]);
+    wait_for("the connection", T, || {
+        world.emulator.stats().live_connections == 1
+    });
+    // One message every 2 ms for 1.5 s: each delivery arrives on its own.
+    let mut published = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    for _ in 0..750 {
+        tick.tick().await;
+        world.emulator.publish(json_message(published));
+        published += 1;
+    }
+    assert!(
+        world.emulator.wait_accepted(published, T).await,
+        "{:?}",
+        world.emulator.stats()
+    );
+    let stats = world.emulator.stats();
+    client.signal("TERM");
+    assert!(client.wait(T).success());
+    assert_eq!(
+        ids(&client.rest_of_lines(T)).len(),
+        published,
+        "every message written once"
+    );
+    // About 25 per frame (50 ms at 500 msgs/s); 10 leaves room for a slow machine.
+    assert!(
+        stats.dispositions_received > 0 && stats.dispositions_received * 10 <= stats.accepted,
+        "{} Disposition frames for {} accepted deliveries: {stats:?}",
+        stats.dispositions_received,
+        stats.accepted
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reorder_window_writes_in_generate_time_order() {
     let world = World::start().await;

@@ -143,7 +143,11 @@ pub(super) async fn serve(
         },
     };
 
-    let (tap, tap_state) = Tap::new(tls, shared.last_open_idle.clone());
+    let (tap, tap_state) = Tap::new(
+        tls,
+        shared.last_open_idle.clone(),
+        shared.counters.dispositions.clone(),
+    );
     let (sasl, verdict_slot) = EmulatorSasl::new(
         shared.auth.clone(),
         cfg.auth_failure,

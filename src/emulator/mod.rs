@@ -212,6 +212,8 @@ pub struct Stats {
     pub closed_token_expired: u64,
     /// Links refused (a second receiver, or any sender).
     pub refused_links: u64,
+    /// Disposition frames received from clients (one may settle many deliveries).
+    pub dispositions_received: u64,
 }
 
 /// Counters updated from connection tasks.
@@ -220,6 +222,7 @@ struct Counters {
     connections_accepted: AtomicU64,
     tls_established: AtomicU64,
     logins_failed: Arc<AtomicU64>,
+    dispositions: Arc<AtomicU64>,
     closed_idle: AtomicU64,
     closed_attach_deadline: AtomicU64,
     closed_token_expired: AtomicU64,
@@ -394,6 +397,7 @@ impl Emulator {
             closed_attach_deadline: c.closed_attach_deadline.load(Ordering::Relaxed),
             closed_token_expired: c.closed_token_expired.load(Ordering::Relaxed),
             refused_links: c.refused_links.load(Ordering::Relaxed),
+            dispositions_received: c.dispositions.load(Ordering::Relaxed),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The stream tap under fe2o3's acceptor: copies the client's first bytes (to decode its Open),
-//! tracks when the client last sent anything (idle watchdog), and can abort the socket.
+//! tracks when the client last sent anything (idle watchdog), counts the client's Disposition
+//! frames, and can abort the socket.
 //!
 //! fe2o3's acceptor does not expose the remote Open nor let us drop the socket, so both go
 //! through this wrapper around the TLS stream.
@@ -42,10 +43,12 @@ pub(crate) struct TapState {
     linger_set: AtomicBool,
     read_waker: AtomicWaker,
     write_waker: AtomicWaker,
+    frames: Mutex<FrameCounter>,
+    dispositions: Arc<AtomicU64>,
 }
 
 impl TapState {
-    fn new(last_open_idle: Arc<Mutex<Option<u32>>>) -> Self {
+    fn new(last_open_idle: Arc<Mutex<Option<u32>>>, dispositions: Arc<AtomicU64>) -> Self {
         TapState {
             base: Instant::now(),
             last_read_ms: AtomicU64::new(0),
@@ -53,6 +56,8 @@ impl TapState {
             capturing: AtomicBool::new(true),
             open: Mutex::new(None),
             last_open_idle,
+            frames: Mutex::new(FrameCounter::default()),
+            dispositions,
             kill: AtomicU8::new(ALIVE),
             linger_set: AtomicBool::new(false),
             read_waker: AtomicWaker::new(),
@@ -93,6 +98,12 @@ impl TapState {
     fn note_read(&self, bytes: &[u8]) {
         let now = self.base.elapsed().as_millis() as u64;
         self.last_read_ms.store(now, Ordering::Relaxed);
+        if let Ok(mut frames) = self.frames.lock() {
+            let n = frames.feed(bytes);
+            if n > 0 {
+                self.dispositions.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         if !self.capturing.load(Ordering::Relaxed) {
             return;
         }
@@ -119,6 +130,81 @@ impl TapState {
     }
 }
 
+/// Splits the client's plaintext into protocol headers and frames as it arrives, and counts
+/// Disposition frames (descriptor 0x15): how many deliveries one settles is the client's choice,
+/// and tests hold iot-sub to settling many per frame.
+#[derive(Default)]
+struct FrameCounter {
+    /// Bytes of the current frame still to skip.
+    skip: usize,
+    /// The start of the next header or frame: enough to read its size and descriptor.
+    head: Vec<u8>,
+}
+
+/// A protocol header: `AMQP` and four bytes (no frame size starts with `AMQP`: 1 GiB).
+const HEADER_LEN: usize = 8;
+const DISPOSITION: u8 = 0x15;
+
+impl FrameCounter {
+    /// Takes the next bytes; returns how many Disposition frames they completed the start of.
+    fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut found = 0;
+        loop {
+            if self.skip > 0 {
+                if bytes.is_empty() {
+                    break;
+                }
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            // Enough of the start to classify: the 8-byte frame header, then the descriptor
+            // (0x00, then 0x53 and a one-byte code, or 0x80 and an eight-byte code).
+            let want = match self.head.get(..HEADER_LEN) {
+                None => HEADER_LEN,
+                Some(h) if h.starts_with(b"AMQP") => HEADER_LEN,
+                Some(h) => {
+                    let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                    let body = usize::from(h[4]) * 4;
+                    match self.head.get(body + 1) {
+                        Some(0x80) => (body + 10).min(size),
+                        _ => (body + 3).min(size),
+                    }
+                }
+            };
+            if self.head.len() < want {
+                if bytes.is_empty() {
+                    break;
+                }
+                let n = (want - self.head.len()).min(bytes.len());
+                self.head.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.head.starts_with(b"AMQP") {
+                self.head.clear();
+                continue;
+            }
+            let h = &self.head;
+            let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let body = usize::from(h[4]) * 4;
+            let code = match (h.get(body), h.get(body + 1)) {
+                (Some(0x00), Some(0x53)) => h.get(body + 2).copied(),
+                (Some(0x00), Some(0x80)) => h.get(body + 9).copied(),
+                _ => None,
+            };
+            // Only a frame long enough for its header can be a performative (8 is a heartbeat).
+            if h[5] == 0 && size > body && code == Some(DISPOSITION) {
+                found += 1;
+            }
+            self.skip = size.saturating_sub(self.head.len());
+            self.head.clear();
+        }
+        found
+    }
+}
+
 /// The TLS stream with the tap around it. This is the `Io` fe2o3's acceptor owns.
 pub(crate) struct Tap {
     inner: TlsStream<TcpStream>,
@@ -126,12 +212,14 @@ pub(crate) struct Tap {
 }
 
 impl Tap {
-    /// Wraps the stream; the client's Open idle-time-out is written to `last_open_idle`.
+    /// Wraps the stream; the client's Open idle-time-out is written to `last_open_idle`, and
+    /// each Disposition frame it sends counts in `dispositions`.
     pub fn new(
         inner: TlsStream<TcpStream>,
         last_open_idle: Arc<Mutex<Option<u32>>>,
+        dispositions: Arc<AtomicU64>,
     ) -> (Self, Arc<TapState>) {
-        let state = Arc::new(TapState::new(last_open_idle));
+        let state = Arc::new(TapState::new(last_open_idle, dispositions));
         (
             Tap {
                 inner,
@@ -323,5 +411,41 @@ fn frame_body_name(body: &FrameBody) -> &'static str {
         FrameBody::Open(_) => "Open",
         FrameBody::Close(_) => "Close",
         FrameBody::Empty => "an empty frame",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FrameCounter;
+
+    /// SASL header, a SASL frame, AMQP header, a heartbeat, a Disposition (small descriptor),
+    /// a Transfer, a Disposition (ulong descriptor, doff 3): two Dispositions.
+    fn stream() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"AMQP\x03\x01\x00\x00");
+        b.extend_from_slice(&[0, 0, 0, 12, 2, 1, 0, 0, 0x00, 0x53, 0x41, 0x45]);
+        b.extend_from_slice(b"AMQP\x00\x01\x00\x00");
+        b.extend_from_slice(&[0, 0, 0, 8, 2, 0, 0, 0]);
+        b.extend_from_slice(&[0, 0, 0, 14, 2, 0, 0, 0, 0x00, 0x53, 0x15, 0xc0, 1, 0]);
+        b.extend_from_slice(&[
+            0, 0, 0, 16, 2, 0, 0, 0, 0x00, 0x53, 0x14, 0xc0, 3, 1, 0x43, 0,
+        ]);
+        let mut d = vec![0, 0, 0, 24, 3, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        d.extend_from_slice(&[0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x15, 0x45, 0, 0]);
+        d.truncate(24);
+        b.extend_from_slice(&d);
+        b
+    }
+
+    #[test]
+    fn counts_dispositions_however_the_bytes_are_split() {
+        let bytes = stream();
+        for chunk in [bytes.len(), 1, 2, 3, 5, 7, 11] {
+            let mut counter = FrameCounter::default();
+            let found: u64 = bytes.chunks(chunk).map(|c| counter.feed(c)).sum();
+            assert_eq!(found, 2, "chunks of {chunk}");
+            assert_eq!(counter.skip, 0);
+            assert!(counter.head.is_empty());
+        }
     }
 }
