@@ -212,6 +212,10 @@ else
   for rep in $(seq "$REPS"); do
     measure c64 "$rep" "$C64_N" /dev/null --count "$C64_N" --connections "$C64_CONNECTIONS" --rate "$C64_RATE" -- \
       "$IOT" listen --config "$WORK/bench64.toml" --profile bench --count "$C64_N"
+    # The floor: the minimal receiver on as many connections (TLS, sockets, no decoding).
+    measure c64-floor "$rep" "$C64_N" /dev/null --count "$C64_N" --connections "$C64_CONNECTIONS" --rate "$C64_RATE" -- \
+      "$SRC" sink --connect "localhost:$PORT" --ca "$WORK/ca.pem" --count "$C64_N" \
+      --connections "$C64_CONNECTIONS" --credit 1000 --batch 1000 --ack-ms 50
   done
 fi
 

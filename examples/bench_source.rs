@@ -129,6 +129,12 @@ struct SinkArgs {
     /// Deliveries per disposition (and credit refill).
     #[arg(long, default_value_t = 2_000)]
     batch: u32,
+    /// Also send a disposition when one has waited this long (ms; 0: only by `--batch`).
+    #[arg(long, default_value_t = 0)]
+    ack_ms: u64,
+    /// Connections, each its own task on one thread; `--count` is spread over them.
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
     /// AccessKey id for the signed username.
     #[arg(long, default_value = "bench-id")]
     access_key_id: String,
@@ -1224,6 +1230,45 @@ async fn writer<W: AsyncWrite + Unpin>(
 
 async fn sink(a: SinkArgs) -> Result<()> {
     let started = Instant::now();
+    let a = Arc::new(a);
+    let k = u64::from(a.connections.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..k {
+        let count = a.count / k + u64::from(i < a.count % k);
+        tasks.spawn(sink_one(a.clone(), count));
+    }
+    let (mut received, mut first, mut last) = (0u64, None::<Instant>, None::<Instant>);
+    while let Some(done) = tasks.join_next().await {
+        let (n, f, l) = done??;
+        received += n;
+        first = match (first, f) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        last = Some(last.map_or(l, |x: Instant| x.max(l)));
+    }
+    let seconds = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+        _ => 0.0,
+    };
+    let report = serde_json::json!({
+        "mode": "sink",
+        "connections": k,
+        "received": received,
+        "seconds": seconds,
+        "msgs_per_sec": if seconds > 0.0 { received as f64 / seconds } else { 0.0 },
+        "cpu_s": cpu_seconds(),
+        "peak_rss_kib": peak_rss_kib(),
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// One connection of the minimal receiver: returns how many it received, and when the first
+/// arrived and the last was settled.
+async fn sink_one(a: Arc<SinkArgs>, count: u64) -> Result<(u64, Option<Instant>, Instant)> {
+    let a = &*a;
     let (host, _) = a
         .connect
         .rsplit_once(':')
@@ -1249,7 +1294,7 @@ async fn sink(a: SinkArgs) -> Result<()> {
         .context("TLS handshake")?;
     let mut buf = BytesMut::with_capacity(512 * 1024);
 
-    let peer_next_outgoing = sink_attach(&mut s, &mut buf, &a, host).await?;
+    let peer_next_outgoing = sink_attach(&mut s, &mut buf, a, host).await?;
 
     let flow = |transfers: u32, delivery_count: u32| {
         let mut out = Vec::new();
@@ -1279,8 +1324,10 @@ async fn sink(a: SinkArgs) -> Result<()> {
     let mut last_id = 0u32;
     let mut first_at: Option<Instant> = None;
     let mut last_at = Instant::now();
+    let mut last_disposition = Instant::now();
+    let ack_after = (a.ack_ms > 0).then(|| Duration::from_millis(a.ack_ms));
     let mut checked = false;
-    while received < a.count {
+    while received < count {
         while buf.len() >= 4 {
             let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if size < 8 {
@@ -1318,12 +1365,14 @@ async fn sink(a: SinkArgs) -> Result<()> {
                 continue;
             }
             buf.advance(size);
-            if received == a.count {
+            if received == count {
                 break;
             }
         }
-        if pending >= a.batch || (received == a.count && pending > 0) {
+        let waited = ack_after.is_some_and(|d| last_disposition.elapsed() >= d);
+        if pending >= a.batch || (received == count && pending > 0) || (pending > 0 && waited) {
             last_at = Instant::now();
+            last_disposition = last_at;
             let mut out = Vec::new();
             performative(
                 &mut out,
@@ -1337,14 +1386,14 @@ async fn sink(a: SinkArgs) -> Result<()> {
                     field(|f| enc::described(f, 0x24, &[])), // accepted
                 ],
             );
-            if received < a.count {
+            if received < count {
                 out.extend(flow(transfers, received as u32));
             }
             s.write_all(&out).await?;
             s.flush().await?;
             pending = 0;
         }
-        if received < a.count {
+        if received < count {
             if buf.capacity() - buf.len() < 64 * 1024 {
                 buf.reserve(256 * 1024);
             }
@@ -1379,20 +1428,7 @@ async fn sink(a: SinkArgs) -> Result<()> {
     })
     .await;
 
-    let seconds = first_at
-        .map(|f| last_at.duration_since(f).as_secs_f64())
-        .unwrap_or(0.0);
-    let report = serde_json::json!({
-        "mode": "sink",
-        "received": received,
-        "seconds": seconds,
-        "msgs_per_sec": if seconds > 0.0 { received as f64 / seconds } else { 0.0 },
-        "cpu_s": cpu_seconds(),
-        "peak_rss_kib": peak_rss_kib(),
-        "wall_s": started.elapsed().as_secs_f64(),
-    });
-    println!("{report}");
-    Ok(())
+    Ok((received, first_at, last_at))
 }
 
 /// The client side of SASL PLAIN (an Aliyun-signed login), Open, Begin and a receiver Attach;
