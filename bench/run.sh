@@ -216,6 +216,10 @@ else
     measure c64-floor "$rep" "$C64_N" /dev/null --count "$C64_N" --connections "$C64_CONNECTIONS" --rate "$C64_RATE" -- \
       "$SRC" sink --connect "localhost:$PORT" --ca "$WORK/ca.pem" --count "$C64_N" \
       --connections "$C64_CONNECTIONS" --credit 1000 --batch 1000 --ack-ms 50
+    # One task per connection with fe2o3's decoders and iot-sub's JSON line (see README.md).
+    measure c64-one-task "$rep" "$C64_N" /dev/null --count "$C64_N" --connections "$C64_CONNECTIONS" --rate "$C64_RATE" -- \
+      "$SRC" sink --connect "localhost:$PORT" --ca "$WORK/ca.pem" --count "$C64_N" \
+      --connections "$C64_CONNECTIONS" --credit 1000 --batch 1000 --ack-ms 50 --render
   done
 fi
 

@@ -135,6 +135,11 @@ struct SinkArgs {
     /// Connections, each its own task on one thread; `--count` is spread over them.
     #[arg(long, default_value_t = 1)]
     connections: u32,
+    /// Also decode each single-frame delivery with fe2o3's frame and message decoders and write
+    /// iot-sub's JSON line for it to stdout (one write per read): what a receive path that
+    /// handled connection, session and link in one task would do per message.
+    #[arg(long)]
+    render: bool,
     /// AccessKey id for the signed username.
     #[arg(long, default_value = "bench-id")]
     access_key_id: String,
@@ -1325,6 +1330,7 @@ async fn sink_one(a: Arc<SinkArgs>, count: u64) -> Result<(u64, Option<Instant>,
     let mut first_at: Option<Instant> = None;
     let mut last_at = Instant::now();
     let mut last_disposition = Instant::now();
+    let mut lines = Vec::new();
     let ack_after = (a.ack_ms > 0).then(|| Duration::from_millis(a.ack_ms));
     let mut checked = false;
     while received < count {
@@ -1344,6 +1350,9 @@ async fn sink_one(a: Arc<SinkArgs>, count: u64) -> Result<(u64, Option<Instant>,
                     checked = true;
                 }
                 let (id, more) = parse_transfer(&buf[11..size])?;
+                if a.render && !more {
+                    render_delivery(&buf[4..size], &mut lines)?;
+                }
                 transfers = transfers.wrapping_add(1);
                 if !more {
                     if pending == 0 {
@@ -1392,6 +1401,10 @@ async fn sink_one(a: Arc<SinkArgs>, count: u64) -> Result<(u64, Option<Instant>,
             s.write_all(&out).await?;
             s.flush().await?;
             pending = 0;
+        }
+        if !lines.is_empty() {
+            std::io::stdout().lock().write_all(&lines)?;
+            lines.clear();
         }
         if received < count {
             if buf.capacity() - buf.len() < 64 * 1024 {
@@ -1579,6 +1592,21 @@ fn parse_transfer(b: &[u8]) -> Result<(Option<u32>, bool)> {
         more = b.get(p) == Some(&0x41) || (b.get(p) == Some(&0x56) && b.get(p + 1) == Some(&1));
     }
     Ok((id, more))
+}
+
+/// `sink --render`: the frame (after its size) through fe2o3's frame and message decoders,
+/// and iot-sub's JSON line for it appended to `out`.
+fn render_delivery(frame: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    let FrameBody::Transfer { payload, .. } = decode_amqp(BytesMut::from(frame))?.body else {
+        bail!("not a transfer");
+    };
+    let reader = serde_amqp::read::SliceReader::new(&payload);
+    let message = Body::<Value>::decode_message_from_reader(reader)?;
+    iot_sub::message::write_line(&message, out)?;
+    Ok(())
 }
 
 /// Decodes one transfer with fe2o3 and compares it with the hand parse.
