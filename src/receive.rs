@@ -88,9 +88,9 @@ pub async fn pump(
     ctx: &PumpContext,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), LinkError> {
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Acks>();
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Acks>();
     let mut acks = AckState {
-        rx: &mut ack_rx,
+        rx: ack_rx,
         outstanding: 0,
         pending: Pending::default(),
         timer: Box::pin(tokio::time::sleep(ACK_DELAY)),
@@ -107,23 +107,18 @@ pub async fn pump(
     let mut last_batch = (1024usize, 4usize);
 
     'receiving: loop {
-        let starved = acks.starved(ctx.credit);
+        let starved = acks.room(ctx.credit) == 0;
         let first = tokio::select! {
             biased;
             _ = &mut cancelled => break 'receiving,
             // Past the credit, wait for the sink's accepts: this keeps what is unsettled, and so
             // memory, bounded by the credit however slow the output is.
             Some(more) = acks.rx.recv(), if starved => {
-                acks.add(more);
-                acks.collect();
-                acks.send(sub, ctx).await?;
+                acks.on_returned(more, sub, ctx).await?;
                 continue;
             }
             _ = &mut acks.timer, if acks.armed => {
-                acks.armed = false;
-                acks.collect();
-                acks.send(sub, ctx).await?;
-                acks.arm_if_waiting();
+                acks.on_timer(sub, ctx).await?;
                 continue;
             }
             r = sub.receiver.recv::<Body<Value>>(), if !starved => r,
@@ -161,7 +156,7 @@ pub async fn pump(
                 Err(e) => return Err(recv_error(sub, e).await),
             }
             // Take what is already here without waiting: recv() is cancel-safe.
-            if taken < ctx.max_batch && !acks.starved(ctx.credit.saturating_sub(taken)) {
+            if taken < ctx.max_batch && taken < acks.room(ctx.credit) {
                 next = sub.receiver.recv::<Body<Value>>().now_or_never();
             }
         }
@@ -185,7 +180,7 @@ pub async fn pump(
         let n = batch.items.len();
         let mut batch = Some(batch);
         while let Some(b) = batch.take() {
-            let starved = acks.starved(ctx.credit);
+            let starved = acks.room(ctx.credit) == 0;
             tokio::select! {
                 biased;
                 permit = ctx.sink.reserve() => match permit {
@@ -198,15 +193,11 @@ pub async fn pump(
                     Err(_) => break 'receiving,
                 },
                 Some(more) = acks.rx.recv(), if starved => {
-                    acks.add(more);
-                    acks.send(sub, ctx).await?;
+                    acks.on_returned(more, sub, ctx).await?;
                     batch = Some(b);
                 }
                 _ = &mut acks.timer, if acks.armed => {
-                    acks.armed = false;
-                    acks.collect();
-                    acks.send(sub, ctx).await?;
-                    acks.arm_if_waiting();
+                    acks.on_timer(sub, ctx).await?;
                     batch = Some(b);
                 }
                 // Stopping: this batch was not handed over and is not accepted.
@@ -220,11 +211,7 @@ pub async fn pump(
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_TIMEOUT;
     while acks.outstanding > 0 {
         tokio::select! {
-            Some(more) = acks.rx.recv() => {
-                acks.add(more);
-                acks.collect();
-                acks.send(sub, ctx).await?;
-            }
+            Some(more) = acks.rx.recv() => acks.on_returned(more, sub, ctx).await?,
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(outstanding = acks.outstanding, "stopping without the accepts of some messages; they will be redelivered");
                 ctx.status.in_flight_add(-(acks.outstanding as i64));
@@ -238,10 +225,10 @@ pub async fn pump(
 }
 
 /// One connection's side of the accepts: what the sink has, what came back, and when to send.
-struct AckState<'a> {
+struct AckState {
     /// The sink's decisions. Read on the timer (or when starved), not as they come: a
     /// connection woken for every write of the sink costs more than the wait.
-    rx: &'a mut mpsc::UnboundedReceiver<Acks>,
+    rx: mpsc::UnboundedReceiver<Acks>,
     /// Handed to the sink and not yet back.
     outstanding: usize,
     /// Settled by the sink (or here), not yet sent to the server.
@@ -253,10 +240,11 @@ struct AckState<'a> {
     last_sent: tokio::time::Instant,
 }
 
-impl AckState<'_> {
-    /// Nothing more may be received until some accepts are back and sent.
-    fn starved(&self, credit: usize) -> bool {
-        self.outstanding + self.pending.len() >= credit
+impl AckState {
+    /// How many more deliveries the credit allows before accepts must come back and be sent
+    /// (none: starved).
+    fn room(&self, credit: usize) -> usize {
+        credit.saturating_sub(self.outstanding + self.pending.len())
     }
 
     fn add(&mut self, acks: Acks) {
@@ -268,6 +256,31 @@ impl AckState<'_> {
         while let Ok(acks) = self.rx.try_recv() {
             self.add(acks);
         }
+    }
+
+    /// Accepts came back while nothing more could be received: take the rest, send now.
+    async fn on_returned(
+        &mut self,
+        first: Acks,
+        sub: &mut Subscription,
+        ctx: &PumpContext,
+    ) -> Result<(), LinkError> {
+        self.add(first);
+        self.collect();
+        self.send(sub, ctx).await
+    }
+
+    /// The delay is up: send what came back, and wait again if more is with the sink.
+    async fn on_timer(
+        &mut self,
+        sub: &mut Subscription,
+        ctx: &PumpContext,
+    ) -> Result<(), LinkError> {
+        self.armed = false;
+        self.collect();
+        self.send(sub, ctx).await?;
+        self.arm_if_waiting();
+        Ok(())
     }
 
     /// Starts the delay if something is with the sink or waiting to be sent.

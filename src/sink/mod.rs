@@ -285,7 +285,12 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 fn push_ack(list: &mut Vec<(AckSender, Acks)>, to: &AckSender, info: DeliveryInfo, accept: bool) {
-    let slot = match list.iter().position(|(s, _)| s.same_channel(to)) {
+    // Messages of one batch come one after another: look at the last connection first.
+    let found = match list.last() {
+        Some((s, _)) if s.same_channel(to) => Some(list.len() - 1),
+        _ => list.iter().position(|(s, _)| s.same_channel(to)),
+    };
+    let slot = match found {
         Some(i) => &mut list[i].1,
         None => {
             list.push((to.clone(), Acks::default()));

@@ -474,3 +474,20 @@ fn open_error(e: fe2o3_amqp::connection::OpenError) -> LinkError {
         other => LinkError::Protocol(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without NODELAY every credit refill waits for the peer's delayed ACK (issue 6's first
+    /// lever); without keep-alive a dead path goes unnoticed while AMQP traffic is paused.
+    #[tokio::test]
+    async fn sockets_it_opens_have_nodelay_and_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_addrs("localhost", &[addr]).await.unwrap();
+        assert!(stream.nodelay().unwrap());
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+    }
+}
