@@ -347,8 +347,10 @@ impl Sink {
                 continue;
             }
             let slice = &bytes[item.range.clone()];
+            // The key to track while the message is on its way out (with dedup on).
+            let tracked = item.key.filter(|_| self.dedup.is_some());
             if let Some(fields) = item.exec {
-                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                if let Some(key) = tracked {
                     self.in_progress.insert(key);
                 }
                 self.jobs.push_back(Job {
@@ -360,7 +362,7 @@ impl Sink {
                     body: slice.to_vec(),
                 });
             } else if let Some(reorder) = self.reorder.as_mut() {
-                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                if let Some(key) = tracked {
                     self.in_progress.insert(key);
                 }
                 let held = Held {
@@ -375,7 +377,7 @@ impl Sink {
                     .unwrap_or_else(|| crate::time::now_ms() as i64);
                 reorder.push(at, held, now);
             } else {
-                if let (Some(_), Some(key)) = (&self.dedup, item.key) {
+                if let Some(key) = tracked {
                     self.cycle_keys.insert(key);
                 }
                 self.out.extend_from_slice(slice);
