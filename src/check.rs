@@ -10,14 +10,9 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::CheckArgs;
@@ -25,7 +20,7 @@ use crate::config::{self, ConfigError, Kind, Profile};
 use crate::credentials::{self, Login};
 use crate::exit;
 use crate::secret::Secret;
-use crate::transport::{self, tls, Endpoint, LinkError, ATTACH_DEADLINE, CLOSE_TIMEOUT};
+use crate::transport::{self, tls, Endpoint, LinkError, ATTACH_DEADLINE};
 
 /// The steps, in order, as they are named in the output.
 const STEPS: [&str; 9] = [
@@ -556,51 +551,36 @@ async fn connect_steps(
         format!("certificate valid for {}; {version}{suite}", endpoint.host),
     );
 
-    // SASL and Open happen in one call; the tap sees when the client moves on from SASL to
-    // AMQP (it sends the AMQP protocol header) and keeps the server's first bytes.
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let tap = Tap {
-        inner: tls,
-        seen: seen.clone(),
-    };
+    let mut receiver = transport::engine::Receiver::new(tls, endpoint.credit);
+    let crate::cloud::SaslCredentials { username, password } = creds;
     let t_sasl = Instant::now();
-    let opened = within(deadline, transport::amqp_open(endpoint, creds, tap)).await;
-    let sasl_done = lock(&seen).amqp_header_sent;
-    let mut connection = match opened {
-        Ok(c) => c,
-        Err(e) => {
-            return match sasl_done {
-                Some(done) if !e.is_login_rejected() => {
-                    push_ok_between(&mut report, "sasl", t_sasl, done, "PLAIN login accepted");
-                    report.fail(
-                        "open",
-                        done,
-                        &e,
-                        Some(hint_open(&e, kind)),
-                        exit::CHECK_OPEN,
-                    )
-                }
-                _ => login_failed(report, t_sasl, sasl_done.is_some(), e, kind),
-            }
-        }
-    };
-    let sasl_done = sasl_done.unwrap_or_else(Instant::now);
-    let server_idle = {
-        let mut seen = lock(&seen);
-        seen.capture = false;
-        server_idle_timeout(&std::mem::take(&mut seen.incoming))
-    };
-    if let (Some(info), Some(idle)) = (report.endpoint.as_mut(), server_idle) {
-        info.server_idle_timeout_ms = idle;
-    }
-
-    let session = within(
+    let login = within(
         deadline,
-        transport::begin_session(endpoint, &mut connection),
+        receiver.sasl_plain(&endpoint.host, &username, Secret::expose(&password)),
     )
     .await;
-    let mut session = match session {
-        Ok(s) => s,
+    drop(password);
+    if let Err(e) = login {
+        return login_failed(report, t_sasl, false, e, kind);
+    }
+    let sasl_done = Instant::now();
+
+    // Open and Begin. A server that refuses the login may accept SASL and close right after
+    // Open with amqp:unauthorized-access: that is reported under the login.
+    let opened = within(deadline, async {
+        let server = receiver
+            .open(
+                &endpoint.container_id,
+                &endpoint.host,
+                endpoint.idle_timeout,
+            )
+            .await?;
+        receiver.begin().await?;
+        Ok(server)
+    })
+    .await;
+    let server = match opened {
+        Ok(server) => server,
         Err(e) if e.is_login_rejected() => return login_failed(report, t_sasl, true, e, kind),
         Err(e) => {
             push_ok_between(
@@ -619,6 +599,9 @@ async fn connect_steps(
             );
         }
     };
+    if let Some(info) = report.endpoint.as_mut() {
+        info.server_idle_timeout_ms = server.idle_time_out;
+    }
     push_ok_between(
         &mut report,
         "sasl",
@@ -626,10 +609,9 @@ async fn connect_steps(
         sasl_done,
         "PLAIN login accepted",
     );
-    let advertised = match server_idle {
-        Some(Some(ms)) => format!("the server advertises an idle-time-out of {ms} ms"),
-        Some(None) => "the server advertises no idle-time-out".to_string(),
-        None => "the server's idle-time-out could not be read".to_string(),
+    let advertised = match server.idle_time_out {
+        Some(ms) => format!("the server advertises an idle-time-out of {ms} ms"),
+        None => "the server advertises no idle-time-out".to_string(),
     };
     report.ok(
         "open",
@@ -640,11 +622,11 @@ async fn connect_steps(
     let t = Instant::now();
     let attached = within(
         deadline,
-        transport::attach_receiver(endpoint, &mut connection, &mut session),
+        receiver.attach(&transport::link_name(endpoint), &endpoint.source),
     )
     .await;
-    let receiver = match attached {
-        Ok(r) => r,
+    match attached {
+        Ok(()) => {}
         Err(e) if e.is_login_rejected() => {
             // Reported under the login, which is what it is about.
             report
@@ -656,7 +638,7 @@ async fn connect_steps(
             let hint = Some(hint_attach(&e, kind));
             return report.fail("attach", t, &e, hint, exit::CHECK_ATTACH);
         }
-    };
+    }
     report.ok(
         "attach",
         t,
@@ -667,22 +649,7 @@ async fn connect_steps(
     );
 
     let t = Instant::now();
-    let mut problems = Vec::new();
-    match timeout(CLOSE_TIMEOUT, receiver.close()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("detach: {e}")),
-        Err(_) => problems.push(format!("detach: no answer within {CLOSE_TIMEOUT:?}")),
-    }
-    match timeout(CLOSE_TIMEOUT, session.end()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("end: {e}")),
-        Err(_) => problems.push(format!("end: no answer within {CLOSE_TIMEOUT:?}")),
-    }
-    match timeout(CLOSE_TIMEOUT, connection.close()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("close: {e}")),
-        Err(_) => problems.push(format!("close: no answer within {CLOSE_TIMEOUT:?}")),
-    }
+    let problems = receiver.close().await;
     if problems.is_empty() {
         report.ok("close", t, "detached, session ended, connection closed");
     } else {
@@ -842,248 +809,9 @@ fn hint_attach(e: &LinkError, kind: Kind) -> String {
     }
 }
 
-/// What the tap saw on the connection.
-#[derive(Debug)]
-struct Seen {
-    /// When the client sent the AMQP protocol header: SASL is done.
-    amqp_header_sent: Option<Instant>,
-    /// Whether to keep incoming bytes.
-    capture: bool,
-    /// The server's first bytes (SASL frames, then its Open): nothing secret.
-    incoming: Vec<u8>,
-}
-
-impl Default for Seen {
-    fn default() -> Self {
-        Seen {
-            amqp_header_sent: None,
-            capture: true,
-            incoming: Vec::new(),
-        }
-    }
-}
-
-/// How much of the server's first bytes the tap keeps.
-const CAPTURE_LIMIT: usize = 16 * 1024;
-/// The AMQP 1.0 protocol header (after SASL's `AMQP\x03\x01\x00\x00`).
-const AMQP_HEADER: &[u8; 8] = b"AMQP\x00\x01\x00\x00";
-
-fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
-    seen.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Passes a stream through, noting when the AMQP header goes out and keeping the server's
-/// first bytes. What the client writes (the SASL password among it) is never kept.
-struct Tap<Io> {
-    inner: Io,
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl<Io> std::fmt::Debug for Tap<Io> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tap")
-    }
-}
-
-impl<Io: AsyncRead + Unpin> AsyncRead for Tap<Io> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            let mut seen = lock(&this.seen);
-            if seen.capture && seen.incoming.len() < CAPTURE_LIMIT {
-                let new = &buf.filled()[before..];
-                let room = CAPTURE_LIMIT - seen.incoming.len();
-                seen.incoming.extend_from_slice(&new[..new.len().min(room)]);
-            }
-        }
-        result
-    }
-}
-
-impl<Io: AsyncWrite + Unpin> AsyncWrite for Tap<Io> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            let mut seen = lock(&this.seen);
-            if seen.amqp_header_sent.is_none()
-                && buf[..n]
-                    .windows(AMQP_HEADER.len())
-                    .any(|w| w == AMQP_HEADER)
-            {
-                seen.amqp_header_sent = Some(Instant::now());
-            }
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// The idle-time-out in the server's Open frame, found after the AMQP protocol header in the
-/// server's first bytes: `Some(None)` when the Open carries none, `None` when no Open could
-/// be read.
-fn server_idle_timeout(incoming: &[u8]) -> Option<Option<u32>> {
-    let at = incoming
-        .windows(AMQP_HEADER.len())
-        .position(|w| w == AMQP_HEADER)?;
-    let frame = &incoming[at + AMQP_HEADER.len()..];
-    let size = u32::from_be_bytes(frame.get(0..4)?.try_into().ok()?) as usize;
-    let doff = usize::from(*frame.get(4)?) * 4;
-    if *frame.get(5)? != 0 || doff < 8 || size < doff {
-        return None;
-    }
-    let mut d = Decoder(frame.get(doff..size)?);
-    // The performative: described type `open` (0x10 or amqp:open:list) with a list body.
-    if d.byte()? != 0x00 {
-        return None;
-    }
-    let open = match d.byte()? {
-        0x53 => d.byte()? == 0x10,
-        0x80 => u64::from_be_bytes(d.take(8)?.try_into().ok()?) == 0x10,
-        0xa3 => {
-            let n = usize::from(d.byte()?);
-            d.take(n)? == b"amqp:open:list"
-        }
-        _ => false,
-    };
-    if !open {
-        return None;
-    }
-    let count = match d.byte()? {
-        0x45 => 0,
-        0xc0 => {
-            d.take(1)?;
-            u32::from(d.byte()?)
-        }
-        0xd0 => {
-            d.take(4)?;
-            u32::from_be_bytes(d.take(4)?.try_into().ok()?)
-        }
-        _ => return None,
-    };
-    // container-id, hostname, max-frame-size, channel-max, then idle-time-out.
-    if count < 5 {
-        return Some(None);
-    }
-    for _ in 0..4 {
-        d.skip_value()?;
-    }
-    match d.byte()? {
-        0x40 => Some(None),
-        0x43 => Some(Some(0)),
-        0x52 => Some(Some(u32::from(d.byte()?))),
-        0x70 => Some(Some(u32::from_be_bytes(d.take(4)?.try_into().ok()?))),
-        _ => None,
-    }
-}
-
-/// Reads AMQP 1.0 type-encoded values, just enough to find the Open's idle-time-out.
-struct Decoder<'a>(&'a [u8]);
-
-impl<'a> Decoder<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn length(&mut self, width: usize) -> Option<usize> {
-        let bytes = self.take(width)?;
-        Some(bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b)))
-    }
-
-    /// Skips one value; the constructor's high nibble says how long it is.
-    fn skip_value(&mut self) -> Option<()> {
-        let code = self.byte()?;
-        let skip = match code {
-            0x00 => {
-                self.skip_value()?; // the descriptor
-                return self.skip_value();
-            }
-            0x40..=0x4f => 0,
-            0x50..=0x5f => 1,
-            0x60..=0x6f => 2,
-            0x70..=0x7f => 4,
-            0x80..=0x8f => 8,
-            0x90..=0x9f => 16,
-            0xa0..=0xaf | 0xc0..=0xcf | 0xe0..=0xef => self.length(1)?,
-            0xb0..=0xbf | 0xd0..=0xdf | 0xf0..=0xff => self.length(4)?,
-            _ => return None,
-        };
-        self.take(skip).map(|_| ())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The server's bytes: SASL header and a frame, then the AMQP header and an Open whose
-    /// list holds `fields`.
-    fn server_bytes(count: u8, fields: &[u8]) -> Vec<u8> {
-        let mut body = vec![0x00, 0x53, 0x10, 0xc0, (fields.len() + 1) as u8, count];
-        body.extend_from_slice(fields);
-        let mut out = b"AMQP\x03\x01\x00\x00\x00\x00\x00\x0a\x02\x01\x00\x00\x00\x00".to_vec();
-        out.extend_from_slice(AMQP_HEADER);
-        out.extend_from_slice(&((body.len() + 8) as u32).to_be_bytes());
-        out.extend_from_slice(&[2, 0, 0, 0]);
-        out.extend_from_slice(&body);
-        out
-    }
-
-    const FOUR: &[u8] = &[
-        0xa1, 3, b'e', b'm', b'u', // container-id
-        0x40, // hostname: null
-        0x70, 0, 1, 0, 0, // max-frame-size 65536
-        0x60, 0, 255, // channel-max 255
-    ];
-
-    #[test]
-    fn reads_the_idle_timeout_of_the_servers_open() {
-        let mut fields = FOUR.to_vec();
-        fields.extend_from_slice(&[0x70, 0, 0, 0x75, 0x30]);
-        assert_eq!(
-            server_idle_timeout(&server_bytes(5, &fields)),
-            Some(Some(30_000))
-        );
-        let mut fields = FOUR.to_vec();
-        fields.push(0x40);
-        assert_eq!(server_idle_timeout(&server_bytes(5, &fields)), Some(None));
-        assert_eq!(server_idle_timeout(&server_bytes(4, FOUR)), Some(None));
-    }
-
-    #[test]
-    fn no_open_means_unknown() {
-        assert_eq!(server_idle_timeout(b"AMQP\x03\x01\x00\x00"), None);
-        let bytes = server_bytes(5, FOUR);
-        assert_eq!(server_idle_timeout(&bytes[..bytes.len() - 3]), None);
-    }
 
     #[test]
     fn skipped_steps_are_listed_and_the_status_is_the_failed_steps() {

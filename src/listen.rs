@@ -207,7 +207,6 @@ pub async fn listen(
             render: render.clone(),
             max_batch: (profile.credit / 2).max(1) as usize,
             credit: profile.credit as usize,
-            keepalive: profile.idle_timeout / 2,
         };
         connections.spawn(supervisor::supervise(
             profile.clone(),

@@ -2,7 +2,7 @@
 //! the sink; and the sink's accepts and releases back onto the link.
 //!
 //! Deliveries that are ready together go to the sink as one batch, never more than half the
-//! credit (fe2o3 refills credit only after credit/2 settlements). Every delivery is settled on
+//! credit (so that settling one batch lets the next arrive meanwhile). Every delivery is settled on
 //! every path, so credit never stalls: filtered-out ones are accepted here, undecodable ones
 //! rejected here, the rest accepted or released when the sink says so.
 
@@ -10,24 +10,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fe2o3_amqp::link::delivery::{Delivery, DeliveryInfo};
-use fe2o3_amqp::link::{LinkStateError, RecvError};
-use fe2o3_amqp::types::definitions;
-use fe2o3_amqp::types::messaging::Body;
-use fe2o3_amqp::types::primitives::Value;
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use tokio::time::timeout;
 
 use crate::dedup::Keyer;
 use crate::format::Format;
 use crate::message::{BodyMode, Mapping};
 use crate::sink::exec_each::ExecFields;
-use crate::sink::{Acks, Batch, Counters, Item};
+use crate::sink::{Acks, Batch, Counters, DeliveryId, Item};
 use crate::status::Status;
 use crate::stop::Stopper;
 use crate::topic::TopicFilters;
-use crate::transport::{self, LinkError, Subscription, SEND_TIMEOUT};
+use crate::transport::engine::Delivery;
+use crate::transport::{LinkError, Subscription};
 
 /// After a stop, how long a connection waits for the sink's accepts before it closes.
 pub const ACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,9 +62,6 @@ pub struct PumpContext {
     pub max_batch: usize,
     /// The link credit: at most this many deliveries are with the sink, unsettled, at once.
     pub credit: usize,
-    /// How often to send a Flow when nothing else is sent, so the server always hears from us
-    /// within its idle-time-out even if it advertises none (then fe2o3 sends no heartbeats).
-    pub keepalive: Duration,
 }
 
 /// Accepts are collected and sent this often (and at once when this many are waiting, or
@@ -95,12 +86,7 @@ pub async fn pump(
         pending: Pending::default(),
         timer: Box::pin(tokio::time::sleep(ACK_DELAY)),
         armed: false,
-        last_sent: tokio::time::Instant::now(),
     };
-    // The keep-alive checks at half its period whether anything was sent in the last half.
-    let mut keepalive = tokio::time::interval(ctx.keepalive / 2);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    keepalive.reset();
     let cancelled = stop.cancelled();
     tokio::pin!(cancelled);
     // The last batch's size, to allocate the next one once.
@@ -121,15 +107,8 @@ pub async fn pump(
                 acks.on_timer(sub, ctx).await?;
                 continue;
             }
-            r = sub.receiver.recv::<Body<Value>>(), if !starved => r,
-            _ = keepalive.tick() => {
-                if acks.last_sent.elapsed() >= ctx.keepalive / 2 {
-                    let sent = send(sub.receiver.send_properties(), "keep-alive flow").await;
-                    explained(sub, sent).await?;
-                    acks.last_sent = tokio::time::Instant::now();
-                }
-                continue;
-            }
+            // Also sends the heartbeat when due, and notices a silent server.
+            r = sub.recv(), if !starved => r?,
         };
 
         let mut batch = Batch {
@@ -139,36 +118,28 @@ pub async fn pump(
         };
         let mut taken = 0usize;
         let mut next = Some(first);
-        while let Some(received) = next.take() {
+        while let Some(delivery) = next.take() {
             taken += 1;
-            match received {
-                Ok(delivery) => {
-                    if let Some((info, reason)) = take(delivery, &mut batch, &mut acks.pending, ctx)
-                    {
-                        reject(sub, info, reason, ctx).await?;
-                    }
-                }
-                Err(RecvError::MessageDecode(e)) => {
-                    let reason = format!("cannot decode the message: {}", e.source);
-                    tracing::warn!(%reason, delivery_id = e.info.delivery_id(), "rejecting a delivery");
-                    reject(sub, e.info, reason, ctx).await?;
-                }
-                Err(e) => return Err(recv_error(sub, e).await),
+            if let Some((id, reason)) = take(delivery, &mut batch, &mut acks.pending, ctx) {
+                sub.reject(id, reason);
+                ctx.counters.rejected.fetch_add(1, Ordering::Relaxed);
             }
-            // Take what is already here without waiting: recv() is cancel-safe.
+            // Take what is already read, without waiting.
             if taken < ctx.max_batch && taken < acks.room(ctx.credit) {
-                next = sub.receiver.recv::<Body<Value>>().now_or_never();
+                next = sub.try_recv()?;
             }
         }
         // Awake anyway: take the accepts that are already back, without waiting for them.
         acks.collect();
         if acks.pending.must_send(acks.outstanding, ctx.credit) {
-            acks.send(sub, ctx).await?;
+            acks.send(sub, ctx);
         }
+        // Rejections, settlements and the credit they free go out now.
+        sub.flush().await?;
         ctx.counters
             .received
             .fetch_add(taken as u64, Ordering::Relaxed);
-        ctx.credit_gauge.set(f64::from(sub.receiver.credit()));
+        ctx.credit_gauge.set(f64::from(sub.credit()));
         if batch.items.is_empty() {
             // Filtered-out deliveries are accepted here, on the same delay.
             acks.arm_if_waiting();
@@ -220,8 +191,8 @@ pub async fn pump(
         }
     }
     acks.collect();
-    acks.send(sub, ctx).await?;
-    Ok(())
+    acks.send(sub, ctx);
+    sub.flush().await
 }
 
 /// One connection's side of the accepts: what the sink has, what came back, and when to send.
@@ -236,8 +207,6 @@ struct AckState {
     /// Collects and sends at most [`ACK_DELAY`] after something was waiting.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     armed: bool,
-    /// When a frame last went to the server (for the keep-alive).
-    last_sent: tokio::time::Instant,
 }
 
 impl AckState {
@@ -267,7 +236,8 @@ impl AckState {
     ) -> Result<(), LinkError> {
         self.add(first);
         self.collect();
-        self.send(sub, ctx).await
+        self.send(sub, ctx);
+        sub.flush().await
     }
 
     /// The delay is up: send what came back, and wait again if more is with the sink.
@@ -278,9 +248,9 @@ impl AckState {
     ) -> Result<(), LinkError> {
         self.armed = false;
         self.collect();
-        self.send(sub, ctx).await?;
+        self.send(sub, ctx);
         self.arm_if_waiting();
-        Ok(())
+        sub.flush().await
     }
 
     /// Starts the delay if something is with the sink or waiting to be sent.
@@ -293,15 +263,26 @@ impl AckState {
         }
     }
 
-    async fn send(&mut self, sub: &mut Subscription, ctx: &PumpContext) -> Result<(), LinkError> {
+    /// Queues the settlements decided so far (the caller flushes).
+    fn send(&mut self, sub: &mut Subscription, ctx: &PumpContext) {
         if self.pending.is_empty() {
-            return Ok(());
+            return;
         }
-        apply(sub, std::mem::take(&mut self.pending.acks), ctx).await?;
+        let Acks {
+            mut accept,
+            mut release,
+        } = std::mem::take(&mut self.pending.acks);
+        if !accept.is_empty() {
+            sub.accept(&mut accept);
+            ctx.counters
+                .accepted
+                .fetch_add(accept.len() as u64, Ordering::Relaxed);
+        }
+        if !release.is_empty() {
+            sub.release(&mut release);
+        }
         ctx.status
             .in_flight_add(-(std::mem::take(&mut self.pending.from_sink) as i64));
-        self.last_sent = tokio::time::Instant::now();
-        Ok(())
     }
 }
 
@@ -341,22 +322,31 @@ impl Pending {
 /// Decodes, filters and renders one delivery into `batch`, or sets it aside to accept here
 /// (filtered out), or returns it with the reason to reject it (it does not fit the schema).
 fn take(
-    delivery: Delivery<Body<Value>>,
+    delivery: Delivery,
     batch: &mut Batch,
     pending: &mut Pending,
     ctx: &PumpContext,
-) -> Option<(DeliveryInfo, String)> {
+) -> Option<(DeliveryId, String)> {
     let render = &ctx.render;
-    let view = match render.mapping.decode(delivery.message()) {
+    let id = delivery.id;
+    let message = match &delivery.message {
+        Ok(message) => message,
+        Err(e) => {
+            let reason = format!("cannot decode the message: {e}");
+            tracing::warn!(%reason, delivery_id = id, "rejecting a delivery");
+            return Some((id, reason));
+        }
+    };
+    let view = match render.mapping.decode(message) {
         Ok(view) => view,
         Err(reason) => {
-            tracing::warn!(%reason, delivery_id = delivery.delivery_id(), "rejecting a delivery");
-            return Some((DeliveryInfo::from(&delivery), reason.to_string()));
+            tracing::warn!(%reason, delivery_id = id, "rejecting a delivery");
+            return Some((id, reason.to_string()));
         }
     };
     if !render.filters.is_empty() && !render.filters.passes(view.topic) {
         ctx.counters.filtered.fetch_add(1, Ordering::Relaxed);
-        pending.acks.accept.push(DeliveryInfo::from(&delivery));
+        pending.acks.accept.push(id);
         return None;
     }
     let start = batch.bytes.len();
@@ -378,88 +368,8 @@ fn take(
         generate_time: view.generate_time,
         range: start..batch.bytes.len(),
         exec,
-        info: DeliveryInfo::from(&delivery),
+        delivery: id,
     };
     batch.items.push(item);
     None
-}
-
-/// Settles what the sink (or this loop) decided; returns how many deliveries that was.
-async fn apply(sub: &mut Subscription, acks: Acks, ctx: &PumpContext) -> Result<usize, LinkError> {
-    let (accepted, released) = (acks.accept.len(), acks.release.len());
-    if accepted > 0 {
-        let sent = send(sub.receiver.accept_all(acks.accept), "accept").await;
-        explained(sub, sent).await?;
-        ctx.counters
-            .accepted
-            .fetch_add(accepted as u64, Ordering::Relaxed);
-    }
-    if released > 0 {
-        let sent = send(sub.receiver.release_all(acks.release), "release").await;
-        explained(sub, sent).await?;
-    }
-    Ok(accepted + released)
-}
-
-async fn reject(
-    sub: &mut Subscription,
-    info: DeliveryInfo,
-    reason: String,
-    ctx: &PumpContext,
-) -> Result<(), LinkError> {
-    let error = definitions::Error::new(definitions::AmqpError::DecodeError, Some(reason), None);
-    let sent = send(sub.receiver.reject(info, Some(error)), "reject").await;
-    explained(sub, sent).await?;
-    ctx.counters.rejected.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Bounds a send into fe2o3's engine and classifies its failure.
-async fn send<E: std::fmt::Display>(
-    fut: impl std::future::Future<Output = Result<(), E>>,
-    what: &'static str,
-) -> Result<(), LinkError> {
-    match timeout(SEND_TIMEOUT, fut).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(LinkError::Lost(format!("{what} failed: {e}"))),
-        Err(_) => Err(LinkError::Timeout {
-            step: what,
-            after: SEND_TIMEOUT,
-        }),
-    }
-}
-
-/// A settle or flow that failed because the connection went reports why it went (e.g. the
-/// server's close condition and description, verbatim), not the side effect on the link.
-async fn explained(sub: &mut Subscription, sent: Result<(), LinkError>) -> Result<(), LinkError> {
-    match sent {
-        Err(LinkError::Lost(what)) => Err(sub.cause().await.unwrap_or(LinkError::Lost(what))),
-        other => other,
-    }
-}
-
-/// The real cause behind a receive error: the connection's own close reason when there is one.
-async fn recv_error(sub: &mut Subscription, e: RecvError) -> LinkError {
-    if let Some(cause) = sub.cause().await {
-        return cause;
-    }
-    match e {
-        RecvError::LinkStateError(LinkStateError::RemoteClosedWithError(err))
-        | RecvError::LinkStateError(LinkStateError::RemoteDetachedWithError(err)) => {
-            transport::remote_error("link", &err)
-        }
-        RecvError::LinkStateError(LinkStateError::RemoteClosed)
-        | RecvError::LinkStateError(LinkStateError::RemoteDetached) => {
-            LinkError::RemoteClosedCleanly("link")
-        }
-        RecvError::LinkStateError(LinkStateError::SessionStopped(reason)) => {
-            use fe2o3_amqp::link::SessionStopReason as S;
-            match reason {
-                S::ConnectionStopped(r) => transport::connection_stop(&r),
-                S::RemoteEndedWithError(err) => transport::remote_error("session", &err),
-                other => LinkError::Lost(format!("session stopped: {other:?}")),
-            }
-        }
-        other => LinkError::Protocol(other.to_string()),
-    }
 }

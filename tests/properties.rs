@@ -1,21 +1,26 @@
-//! Property tests of the paths untrusted input takes: a delivery (typed, or as wire bytes
-//! decoded the way fe2o3's receiver does) through `message::decode` and every output format,
-//! and config text through `config::parse`. They never panic; a delivery gives a `DecodeError`
-//! or exactly one line of valid JSON whose fields round-trip; config gives a profile or a
-//! one-line error.
+//! Property tests of the paths untrusted input takes: a transfer frame through the receiving
+//! end's quick reader (which must agree with fe2o3-amqp's decoder or step aside), a delivery
+//! (typed, or as wire bytes decoded the way the receiving end does) through `message::decode`
+//! and every output format, and config text through `config::parse`. They never panic; a
+//! delivery gives a `DecodeError` or exactly one line of valid JSON whose fields round-trip;
+//! config gives a profile or a one-line error.
 
 use base64::Engine;
+use fe2o3_amqp::frames::amqp::FrameBody;
+use fe2o3_amqp::types::definitions::ReceiverSettleMode;
 use fe2o3_amqp::types::messaging::message::__private::Serializable;
 use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
 use fe2o3_amqp::types::messaging::{
     AmqpSequence, AmqpValue, ApplicationProperties, Batch, Body, Data, Message, MessageId,
     Properties,
 };
+use fe2o3_amqp::types::performatives::Transfer;
 use fe2o3_amqp::types::primitives::{
     Binary, Dec128, Dec32, Dec64, SimpleValue, Symbol, Timestamp, Uuid, Value,
 };
 use iot_sub::format::Format;
 use iot_sub::message::{decode, write_line, BodyEncoding, BodyMode, DecodeError};
+use iot_sub::transport::frames;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_amqp::described::Described;
@@ -417,7 +422,7 @@ fn through_every_output(m: &Message<Body<Value>>, case: &Case) -> Result<Vec<u8>
     Ok(default_line)
 }
 
-/// Decodes wire bytes the way fe2o3's receiver does (`Receiver::recv::<Body<Value>>`).
+/// Decodes wire bytes the way the receiving end does (`transport::engine`).
 fn decode_wire(bytes: &[u8]) -> Result<Message<Body<Value>>, serde_amqp::Error> {
     Body::<Value>::decode_message_from_reader(serde_amqp::read::SliceReader::new(bytes))
 }
@@ -496,6 +501,119 @@ proptest! {
                 parse_line(&out);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transfer frames
+// ---------------------------------------------------------------------------------------------
+
+fn transfer() -> impl Strategy<Value = Transfer> {
+    let bool_field = prop_oneof![Just(None), any::<bool>().prop_map(Some)];
+    (
+        any::<u32>(),
+        prop_oneof![Just(None), any::<u32>().prop_map(Some)],
+        prop_oneof![Just(None), vec(any::<u8>(), 0..300).prop_map(Some)],
+        prop_oneof![Just(None), any::<u32>().prop_map(Some)],
+        bool_field,
+        any::<(bool, bool, bool, bool)>(),
+        prop_oneof![
+            Just(None),
+            Just(Some(ReceiverSettleMode::First)),
+            Just(Some(ReceiverSettleMode::Second))
+        ],
+    )
+        .prop_map(
+            |(
+                handle,
+                delivery_id,
+                tag,
+                format,
+                settled,
+                (more, resume, aborted, batchable),
+                mode,
+            )| {
+                Transfer {
+                    handle: handle.into(),
+                    delivery_id,
+                    delivery_tag: tag.map(Binary::from),
+                    message_format: format,
+                    settled,
+                    more,
+                    rcv_settle_mode: mode,
+                    state: None,
+                    resume,
+                    aborted,
+                    batchable,
+                }
+            },
+        )
+}
+
+/// A transfer frame after its size field: header (doff 2, AMQP, channel 0), performative,
+/// payload.
+fn transfer_frame(t: &Transfer, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![2u8, 0, 0, 0];
+    frame.extend(serde_amqp::to_vec(t).expect("a transfer encodes"));
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The quick reader either steps aside or reads exactly what fe2o3's decoder reads: the same
+/// delivery-id, settled, more and aborted, and the same payload.
+fn quick_agrees_with_fe2o3(frame: &[u8]) -> Result<(), TestCaseError> {
+    let Some((head, at)) = frames::quick_transfer(frame) else {
+        return Ok(());
+    };
+    match frames::decode_amqp(bytes::BytesMut::from(frame)).map(|f| f.body) {
+        Ok(FrameBody::Transfer {
+            performative,
+            payload,
+        }) => {
+            prop_assert_eq!(head, frames::TransferHead::from(&performative));
+            prop_assert_eq!(&payload[..], &frame[at..]);
+        }
+        Ok(other) => prop_assert!(false, "quick read a transfer, fe2o3 read {:?}", other),
+        Err(e) => prop_assert!(false, "quick read {:?}, fe2o3 refused it: {}", head, e),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Any transfer fe2o3's serializer writes is read the quick way, the same as fe2o3 reads it.
+    #[test]
+    fn the_quick_transfer_reader_reads_any_transfer_like_fe2o3(
+        t in transfer(),
+        payload in vec(any::<u8>(), 0..64),
+    ) {
+        let frame = transfer_frame(&t, &payload);
+        prop_assert!(frames::quick_transfer(&frame).is_some());
+        quick_agrees_with_fe2o3(&frame)?;
+    }
+
+    /// Damaged transfer frames: whatever the quick reader accepts, fe2o3 reads the same way.
+    #[test]
+    fn the_quick_transfer_reader_never_disagrees_on_damaged_frames(
+        t in transfer(),
+        payload in vec(any::<u8>(), 0..16),
+        edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+    ) {
+        let mut frame = transfer_frame(&t, &payload);
+        for (at, byte, how) in edits {
+            // The 4-byte header stays: the frame splitter has checked it by then.
+            if frame.len() <= 4 {
+                break;
+            }
+            let i = 4 + at.index(frame.len() - 4);
+            match how {
+                0 => frame[i] = byte,
+                1 => frame.truncate(i),
+                _ => frame.insert(i, byte),
+            }
+        }
+        quick_agrees_with_fe2o3(&frame)?;
     }
 }
 

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fe2o3_amqp::link::delivery::DeliveryInfo;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -30,11 +29,14 @@ use writer::Writer;
 /// connections, and so the credit.
 pub const CHANNEL_BATCHES_PER_CONNECTION: usize = 8;
 
+/// A delivery's id on its connection's link: what settles it.
+pub type DeliveryId = u32;
+
 /// One message on its way out.
 #[derive(Debug)]
 pub struct Item {
     /// For the accept.
-    pub info: DeliveryInfo,
+    pub delivery: DeliveryId,
     /// Dedup key of the message id; `None` (a generic broker's message without an id) is
     /// never suppressed.
     pub key: Option<u64>,
@@ -51,9 +53,9 @@ pub struct Item {
 #[derive(Debug, Default)]
 pub struct Acks {
     /// Written (or filtered, or duplicate): accept.
-    pub accept: Vec<DeliveryInfo>,
+    pub accept: Vec<DeliveryId>,
     /// Not written (past `--count`, or a failed `--exec-each`): release for redelivery.
-    pub release: Vec<DeliveryInfo>,
+    pub release: Vec<DeliveryId>,
 }
 
 /// Where a connection's dispositions go.
@@ -121,7 +123,7 @@ pub struct SinkOptions {
 /// A held (reordered) message.
 struct Held {
     acks: AckSender,
-    info: DeliveryInfo,
+    delivery: DeliveryId,
     key: Option<u64>,
     generate_time: Option<i64>,
     bytes: Vec<u8>,
@@ -130,7 +132,7 @@ struct Held {
 /// An `--exec-each` job waiting for a slot.
 struct Job {
     acks: AckSender,
-    info: DeliveryInfo,
+    delivery: DeliveryId,
     key: Option<u64>,
     generate_time: Option<i64>,
     fields: Box<ExecFields>,
@@ -140,7 +142,7 @@ struct Job {
 /// A finished `--exec-each` job.
 struct Done {
     acks: AckSender,
-    info: DeliveryInfo,
+    delivery: DeliveryId,
     key: Option<u64>,
     generate_time: Option<i64>,
     message_id: Option<String>,
@@ -160,7 +162,7 @@ struct Sink {
     delay: metrics::Histogram,
     // The current write cycle: per message its connection, delivery, dedup key, generateTime.
     out: Vec<u8>,
-    cycle: Vec<(AckSender, DeliveryInfo, Option<u64>, Option<i64>)>,
+    cycle: Vec<(AckSender, DeliveryId, Option<u64>, Option<i64>)>,
     cycle_keys: dedup::KeySet,
     // Keys of messages held for reordering or queued/running for `--exec-each`: a duplicate
     // arriving meanwhile must not go out a second time.
@@ -284,7 +286,7 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn push_ack(list: &mut Vec<(AckSender, Acks)>, to: &AckSender, info: DeliveryInfo, accept: bool) {
+fn push_ack(list: &mut Vec<(AckSender, Acks)>, to: &AckSender, delivery: DeliveryId, accept: bool) {
     // Messages of one batch come one after another: look at the last connection first.
     let found = match list.last() {
         Some((s, _)) if s.same_channel(to) => Some(list.len() - 1),
@@ -298,9 +300,9 @@ fn push_ack(list: &mut Vec<(AckSender, Acks)>, to: &AckSender, info: DeliveryInf
         }
     };
     if accept {
-        slot.accept.push(info);
+        slot.accept.push(delivery);
     } else {
-        slot.release.push(info);
+        slot.release.push(delivery);
     }
 }
 
@@ -334,16 +336,16 @@ impl Sink {
         let Batch { bytes, items, acks } = batch;
         for item in items {
             if self.output_broken {
-                push_ack(&mut self.immediate, &acks, item.info, false);
+                push_ack(&mut self.immediate, &acks, item.delivery, false);
                 continue;
             }
             if self.is_duplicate(item.key, now) {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                push_ack(&mut self.immediate, &acks, item.info, true);
+                push_ack(&mut self.immediate, &acks, item.delivery, true);
                 continue;
             }
             if !self.take_budget() {
-                push_ack(&mut self.immediate, &acks, item.info, false);
+                push_ack(&mut self.immediate, &acks, item.delivery, false);
                 continue;
             }
             let slice = &bytes[item.range.clone()];
@@ -355,7 +357,7 @@ impl Sink {
                 }
                 self.jobs.push_back(Job {
                     acks: acks.clone(),
-                    info: item.info,
+                    delivery: item.delivery,
                     key: item.key,
                     generate_time: item.generate_time,
                     fields,
@@ -367,7 +369,7 @@ impl Sink {
                 }
                 let held = Held {
                     acks: acks.clone(),
-                    info: item.info,
+                    delivery: item.delivery,
                     key: item.key,
                     generate_time: item.generate_time,
                     bytes: slice.to_vec(),
@@ -382,7 +384,7 @@ impl Sink {
                 }
                 self.out.extend_from_slice(slice);
                 self.cycle
-                    .push((acks.clone(), item.info, item.key, item.generate_time));
+                    .push((acks.clone(), item.delivery, item.key, item.generate_time));
             }
         }
     }
@@ -405,7 +407,7 @@ impl Sink {
             }
             self.out.extend_from_slice(&held.bytes);
             self.cycle
-                .push((held.acks, held.info, held.key, held.generate_time));
+                .push((held.acks, held.delivery, held.key, held.generate_time));
         }
     }
 
@@ -425,18 +427,18 @@ impl Sink {
                     self.counters
                         .written
                         .fetch_add(cycle.len() as u64, Ordering::Relaxed);
-                    for (acks, info, key, generate_time) in cycle {
+                    for (acks, delivery, key, generate_time) in cycle {
                         Status::record_delay(&self.delay, generate_time, now_ms);
                         if let (Some(window), Some(key)) = (self.dedup.as_mut(), key) {
                             window.insert(key, now);
                         }
-                        push_ack(&mut self.immediate, &acks, info, true);
+                        push_ack(&mut self.immediate, &acks, delivery, true);
                     }
                 }
                 Err(e) => {
                     // Nothing of this cycle is accepted: the cloud sends it again.
-                    for (acks, info, _, _) in cycle {
-                        push_ack(&mut self.immediate, &acks, info, false);
+                    for (acks, delivery, _, _) in cycle {
+                        push_ack(&mut self.immediate, &acks, delivery, false);
                     }
                     self.output_broken = true;
                     match e.kind() {
@@ -487,7 +489,7 @@ impl Sink {
                 let result = exec_each::run(command, &job.fields, &job.body, timeout).await;
                 Done {
                     acks: job.acks,
-                    info: job.info,
+                    delivery: job.delivery,
                     key: job.key,
                     generate_time: job.generate_time,
                     message_id: job.fields.message_id,
@@ -500,7 +502,7 @@ impl Sink {
     fn exec_done(&mut self, done: Done) {
         let Done {
             acks,
-            info,
+            delivery,
             key,
             generate_time,
             message_id,
@@ -516,7 +518,7 @@ impl Sink {
                 if let (Some(window), Some(key)) = (self.dedup.as_mut(), key) {
                     window.insert(key, Instant::now());
                 }
-                push_ack(&mut self.immediate, &acks, info, true);
+                push_ack(&mut self.immediate, &acks, delivery, true);
             }
             Err(why) => {
                 let message_id = message_id.as_deref().unwrap_or("-");
@@ -524,7 +526,7 @@ impl Sink {
                 if let Some(n) = self.budget.as_mut() {
                     *n += 1;
                 }
-                push_ack(&mut self.immediate, &acks, info, false);
+                push_ack(&mut self.immediate, &acks, delivery, false);
             }
         }
     }

@@ -1,24 +1,22 @@
 //! One connection attempt: DNS → TCP (NODELAY, keep-alive) → TLS → SASL PLAIN → Open → Begin →
 //! receiver Attach, every step under a deadline; and what ended a connection, in words.
 //!
-//! fe2o3-amqp has no timeouts of its own and leaves Nagle on, so the socket is opened here and
-//! handed to it with `open_with_stream` (TLS is done here too, with rustls on ring).
+//! The socket is opened here (NODELAY, keep-alive), TLS is done here with rustls on ring, and
+//! the AMQP side is our own receiving end ([`engine`]) on fe2o3-amqp's types and codec.
 //!
-//! Each step is a public function ([`resolve`], [`connect_addrs`], [`tls_connect`],
-//! [`amqp_open`], [`begin_session`], [`attach_receiver`]) so `iot-sub check` can time them.
+//! Each step is a public function ([`resolve`], [`connect_addrs`], [`tls_connect`]) or a method
+//! of [`engine::Receiver`] (`sasl_plain`, `open`, `begin`, `attach`) so `iot-sub check` can time
+//! them.
 
+pub mod engine;
+pub mod frames;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fe2o3_amqp::connection::ConnectionHandle;
-use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions;
-use fe2o3_amqp::{Connection, Receiver, Session};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -35,12 +33,10 @@ pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ATTACH_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline for each step of a polite close (detach, end, close).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Deadline for handing dispositions and flows to the connection engine.
+/// Deadline for writing settlements and flows to the server.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive idle time: finds a dead path even when AMQP traffic is paused.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
-/// Largest frame we accept; the .NET sample uses 8 KiB, large bodies come in several frames.
-const MAX_FRAME_SIZE: u32 = 64 * 1024;
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
@@ -123,7 +119,7 @@ pub enum LinkError {
     /// The connection failed below AMQP (reset, EOF, framing).
     #[error("connection lost: {0}")]
     Lost(String),
-    /// Anything else fe2o3-amqp reported.
+    /// The server broke the protocol (an unexpected frame, an undecodable frame).
     #[error("AMQP error: {0}")]
     Protocol(String),
 }
@@ -184,66 +180,8 @@ fn condition_text(c: &definitions::ErrorCondition) -> String {
     symbol.0
 }
 
-/// Classifies a connection-level stop reason.
-pub fn connection_stop(reason: &fe2o3_amqp::connection::ConnectionStopReason) -> LinkError {
-    use fe2o3_amqp::connection::ConnectionStopReason as R;
-    match reason {
-        R::RemoteClosedWithError(e) => remote_error("connection", e),
-        R::RemoteClosed => LinkError::RemoteClosedCleanly("connection"),
-        R::Closed => LinkError::Lost("connection stopped".into()),
-        R::ClosedWithError(e) => LinkError::Lost(format!(
-            "closed locally with {}",
-            condition_text(&e.condition)
-        )),
-    }
-}
-
-/// Classifies the error a connection's `on_close` returns: the real cause of a stop.
-pub fn connection_error(e: &fe2o3_amqp::connection::Error, local_idle: Duration) -> LinkError {
-    use fe2o3_amqp::connection::Error as E;
-    match e {
-        E::RemoteClosedWithError(err) => remote_error("connection", err),
-        E::RemoteClosed => LinkError::RemoteClosedCleanly("connection"),
-        E::TransportError(fe2o3_amqp::transport::Error::IdleTimeoutElapsed) => {
-            LinkError::Silent(local_idle)
-        }
-        E::TransportError(t) => LinkError::Lost(t.to_string()),
-        other => LinkError::Protocol(other.to_string()),
-    }
-}
-
-/// A live subscription: connection, session and the one receiver link.
-pub struct Subscription {
-    connection: ConnectionHandle<()>,
-    session: SessionHandle<()>,
-    /// The receiver link.
-    pub receiver: Receiver,
-    /// fe2o3's local dead-peer threshold (twice the advertised idle-time-out).
-    pub local_idle: Duration,
-}
-
-impl Subscription {
-    /// After an error: the connection's own account of why it stopped, if it has one quickly.
-    pub async fn cause(&mut self) -> Option<LinkError> {
-        match timeout(Duration::from_secs(1), self.connection.on_close()).await {
-            Ok(Err(e)) => Some(connection_error(&e, self.local_idle)),
-            _ => None,
-        }
-    }
-
-    /// Detaches the link, ends the session and closes the connection, each step bounded.
-    pub async fn close(self) {
-        let Subscription {
-            mut connection,
-            mut session,
-            receiver,
-            ..
-        } = self;
-        let _ = timeout(CLOSE_TIMEOUT, receiver.close()).await;
-        let _ = timeout(CLOSE_TIMEOUT, session.end()).await;
-        let _ = timeout(CLOSE_TIMEOUT, connection.close()).await;
-    }
-}
+/// A live subscription: the connection, its session and the one receiver link.
+pub type Subscription = engine::Receiver<TlsStream>;
 
 /// Opens a subscription. DNS and TCP have their own deadlines; TLS through Attach share
 /// [`ATTACH_DEADLINE`].
@@ -325,14 +263,29 @@ async fn handshake(
     tcp: TcpStream,
 ) -> Result<Subscription, LinkError> {
     let tls = tls_connect(endpoint, tcp).await?;
-    let mut connection = amqp_open(endpoint, creds, tls).await?;
-    let (session, receiver) = begin_and_attach(endpoint, &mut connection).await?;
-    Ok(Subscription {
-        connection,
-        session,
-        receiver,
-        local_idle: local_idle(endpoint),
-    })
+    let mut receiver = engine::Receiver::new(tls, endpoint.credit);
+    let SaslCredentials { username, password } = creds;
+    receiver
+        .sasl_plain(&endpoint.host, &username, Secret::expose(&password))
+        .await?;
+    drop(password);
+    receiver
+        .open(
+            &endpoint.container_id,
+            &endpoint.host,
+            endpoint.idle_timeout,
+        )
+        .await?;
+    receiver.begin().await?;
+    receiver
+        .attach(&link_name(endpoint), &endpoint.source)
+        .await?;
+    Ok(receiver)
+}
+
+/// The receiver link's name.
+pub fn link_name(endpoint: &Endpoint) -> String {
+    format!("{}-receiver", endpoint.container_id)
 }
 
 /// The TLS stream the AMQP connection runs over.
@@ -361,118 +314,6 @@ pub async fn tls_connect(endpoint: &Endpoint, tcp: TcpStream) -> Result<TlsStrea
                 problem,
             }
         })
-}
-
-/// SASL PLAIN and the AMQP Open over `io` (the TLS stream, or a wrapper of it). A refused
-/// login is [`LinkError::LoginRejected`]. No deadline of its own.
-pub async fn amqp_open<Io>(
-    endpoint: &Endpoint,
-    creds: SaslCredentials,
-    io: Io,
-) -> Result<ConnectionHandle<()>, LinkError>
-where
-    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
-{
-    let SaslCredentials { username, password } = creds;
-    Connection::builder()
-        .container_id(endpoint.container_id.clone())
-        .hostname(endpoint.host.as_str())
-        // fe2o3 puts half of this in the Open frame and uses the whole as its own dead-peer
-        // threshold: doubling sends the configured value exactly.
-        .idle_time_out(idle_ms(endpoint).saturating_mul(2))
-        .max_frame_size(MAX_FRAME_SIZE)
-        .sasl_profile(SaslProfile::Plain {
-            username,
-            password: Secret::expose(&password).to_string(),
-        })
-        .open_with_stream(io)
-        .await
-        .map_err(open_error)
-}
-
-/// Begins the session and attaches the receiver link. No deadline of its own.
-pub async fn begin_and_attach(
-    endpoint: &Endpoint,
-    connection: &mut ConnectionHandle<()>,
-) -> Result<(SessionHandle<()>, Receiver), LinkError> {
-    let mut session = begin_session(endpoint, connection).await?;
-    let receiver = attach_receiver(endpoint, connection, &mut session).await?;
-    Ok((session, receiver))
-}
-
-/// Begins the session. A server that closes the connection instead (a refused login can look
-/// like that) is reported with the connection's own error. No deadline of its own.
-pub async fn begin_session(
-    endpoint: &Endpoint,
-    connection: &mut ConnectionHandle<()>,
-) -> Result<SessionHandle<()>, LinkError> {
-    match Session::begin(connection).await {
-        Ok(s) => Ok(s),
-        Err(e) => Err(after_open_failure(connection, e.to_string(), idle_ms(endpoint)).await),
-    }
-}
-
-/// Attaches the one receiver link (manual settlement, auto credit). No deadline of its own.
-pub async fn attach_receiver(
-    endpoint: &Endpoint,
-    connection: &mut ConnectionHandle<()>,
-    session: &mut SessionHandle<()>,
-) -> Result<Receiver, LinkError> {
-    let receiver = Receiver::builder()
-        .name(format!("{}-receiver", endpoint.container_id))
-        .source(endpoint.source.as_str())
-        .credit_mode(CreditMode::Auto(endpoint.credit))
-        .auto_accept(false)
-        .attach(session)
-        .await;
-    use fe2o3_amqp::link::{ReceiverAttachError as A, SessionStopReason as S};
-    match receiver {
-        Ok(r) => Ok(r),
-        Err(A::RemoteClosedWithError(e)) => Err(remote_error("link", &e)),
-        // RabbitMQ refuses a link (no such queue) by ending the whole session.
-        Err(A::SessionStopped(S::RemoteEndedWithError(e))) => Err(remote_error("session", &e)),
-        Err(e) => Err(after_open_failure(connection, e.to_string(), idle_ms(endpoint)).await),
-    }
-}
-
-/// The idle-time-out put in the Open frame, in milliseconds.
-fn idle_ms(endpoint: &Endpoint) -> u32 {
-    u32::try_from(endpoint.idle_timeout.as_millis()).unwrap_or(u32::MAX)
-}
-
-/// fe2o3's local dead-peer threshold: twice the idle-time-out sent in the Open frame.
-pub fn local_idle(endpoint: &Endpoint) -> Duration {
-    Duration::from_millis(u64::from(idle_ms(endpoint)) * 2)
-}
-
-/// After begin or attach failed, the connection usually knows the real cause (a Close from the
-/// server right after Open is how a refused login or idle-time-out looks).
-async fn after_open_failure(
-    connection: &mut ConnectionHandle<()>,
-    fallback: String,
-    idle_ms: u32,
-) -> LinkError {
-    match timeout(Duration::from_secs(1), connection.on_close()).await {
-        Ok(Err(e)) => connection_error(&e, Duration::from_millis(u64::from(idle_ms) * 2)),
-        _ => LinkError::Protocol(fallback),
-    }
-}
-
-fn open_error(e: fe2o3_amqp::connection::OpenError) -> LinkError {
-    use fe2o3_amqp::connection::OpenError as E;
-    match e {
-        E::SaslError { code, .. } => LinkError::LoginRejected {
-            detail: format!("SASL outcome {code:?}"),
-        },
-        E::RemoteClosedWithError(err) => remote_error("connection", &err),
-        E::RemoteClosed => LinkError::RemoteClosedCleanly("connection"),
-        E::Io(io) => LinkError::Lost(io.to_string()),
-        E::TransportError(t) => LinkError::Lost(t.to_string()),
-        E::ProtocolHeaderMismatch(h) => LinkError::Protocol(format!(
-            "the server answered with an unexpected protocol header {h:?}"
-        )),
-        other => LinkError::Protocol(other.to_string()),
-    }
 }
 
 #[cfg(test)]
