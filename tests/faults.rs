@@ -850,13 +850,13 @@ async fn slow_and_stalled_stdout_holds_the_credit_bounds_memory_and_loses_nothin
     );
     assert!(s.backlog > N / 2, "{case}: most messages still wait: {s:?}");
     let (accepted_when_stalled, backlog_when_stalled) = (s.accepted, s.backlog);
-    // While stalled, what the emulator has out unsettled is what the client holds: at most
-    // `credit` with its output (the pump takes no more), and, since AMQP credit limits
-    // transfers and fe2o3 grants the full credit again after credit/2 settlements, at most
-    // one more credit's worth waiting in the link.
+    // While stalled, what the emulator has out unsettled is what the client holds, and the
+    // client grants credit back only as it settles: never more than `credit` in all. (The
+    // emulator's in-flight count includes the one message its sender holds, waiting for
+    // credit.)
     let unsettled = s.transfers_sent - s.accepted;
     assert!(
-        unsettled <= 2 * CREDIT as u64 && s.in_flight <= 2 * CREDIT + 1,
+        unsettled <= CREDIT as u64 && s.in_flight <= CREDIT + 1,
         "{case}: {unsettled} unsettled while stalled with credit {CREDIT}: {s:?}"
     );
 

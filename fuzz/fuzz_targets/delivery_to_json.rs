@@ -1,5 +1,5 @@
-//! Fuzz target: arbitrary bytes as a transfer's payload, decoded the way fe2o3's receiver does
-//! (`Receiver::recv::<Body<Value>>`), then through `message::decode` and every output format.
+//! Fuzz target: arbitrary bytes as a transfer's payload, decoded the way iot-sub's receiving end
+//! does (`transport/engine.rs`), then through `message::decode` and every output format.
 //! It must never panic; a decoded delivery gives a `DecodeError` or one line of JSON.
 
 #![no_main]
@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|payload: &[u8]| {
     let reader = serde_amqp::read::SliceReader::new(payload);
-    // fe2o3 hands a payload it cannot decode to iot-sub as RecvError::MessageDecode (rejected).
+    // A payload that does not decode is rejected by the receiving end.
     let Ok(message) = Body::<Value>::decode_message_from_reader(reader) else {
         return;
     };

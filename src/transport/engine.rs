@@ -12,7 +12,7 @@
 //! [`Receiver::flush`] are cancel-safe: a partly written frame is finished by the next call.
 
 use std::collections::HashSet;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +31,7 @@ use fe2o3_amqp::types::performatives::{
 use fe2o3_amqp::types::primitives::{Binary, Symbol, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 
 use super::frames::{self, TransferHead, AMQP_HEADER, MIN_MAX_FRAME_SIZE, SASL_HEADER, TLS_HEADER};
 use super::{remote_error, LinkError, CLOSE_TIMEOUT, SEND_TIMEOUT};
@@ -87,6 +87,8 @@ pub struct Receiver<Io> {
     silent_after: Option<Duration>,
     /// Nothing written for this long: send an empty frame.
     heartbeat: Option<Duration>,
+    /// Wakes the connection for those two; see [`Receiver::read_more`].
+    timer: Pin<Box<tokio::time::Sleep>>,
 
     /// The session's next incoming transfer-id, and transfers since our last Flow.
     next_incoming_id: u32,
@@ -172,6 +174,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
             last_write: now,
             silent_after: None,
             heartbeat: None,
+            timer: Box::pin(tokio::time::sleep_until(far_future())),
             next_incoming_id: 0,
             transfers_since_flow: 0,
             credit: credit.max(1),
@@ -427,6 +430,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.out.is_empty() && !self.unflushed {
             return Ok(());
+        }
+        // Usually the socket takes it all at once: no timer needed for that.
+        let first = poll_fn(|cx| Poll::Ready(self.poll_write_out(cx))).await;
+        match first {
+            Poll::Ready(Ok(())) => return Ok(()),
+            Poll::Ready(Err(e)) => return Err(self.explain(e).await),
+            Poll::Pending => {}
         }
         match timeout(SEND_TIMEOUT, self.flush_now()).await {
             Ok(Ok(())) => Ok(()),
@@ -706,29 +716,53 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
     /// Reads at least once more, writing what is queued meanwhile; sends the heartbeat when
     /// due; fails when the peer has been silent too long.
     async fn read_more(&mut self) -> Result<(), LinkError> {
+        // One timer per connection, moved only to an earlier deadline: reads and writes push
+        // the real deadlines later, so a timer that fires early is re-armed, not a timer set
+        // and cancelled on every read.
+        if let Some(due) = self.next_deadline() {
+            if due < self.timer.deadline() {
+                self.timer.as_mut().reset(due);
+            }
+        }
+        let timer_fired = poll_fn(|cx| {
+            if let Poll::Ready(r) = self.poll_io(cx) {
+                return Poll::Ready(r.map(|()| false));
+            }
+            match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(true)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if timer_fired {
+            let now = Instant::now();
+            if let Some(after) = self.silent_after {
+                if now >= self.last_read + after {
+                    return Err(LinkError::Silent(after));
+                }
+            }
+            if let Some(every) = self.heartbeat {
+                if now >= self.last_write + every {
+                    if self.out.is_empty() {
+                        frames::put_empty(&mut self.out);
+                    }
+                    // Counts as written now: the write itself happens in the next poll.
+                    self.last_write = now;
+                }
+            }
+            let next = self.next_deadline().unwrap_or_else(far_future);
+            self.timer.as_mut().reset(next);
+        }
+        Ok(())
+    }
+
+    /// The earlier of the silent-peer deadline and the heartbeat's.
+    fn next_deadline(&self) -> Option<Instant> {
         let silent_at = self.silent_after.map(|d| self.last_read + d);
         let beat_at = self.heartbeat.map(|d| self.last_write + d);
-        enum Woke {
-            Read(Result<(), LinkError>),
-            Silent,
-            Beat,
-        }
-        let woke = tokio::select! {
-            r = poll_fn(|cx| self.poll_io(cx)) => Woke::Read(r),
-            _ = sleep_until(silent_at.unwrap_or_else(far_future)), if silent_at.is_some() => Woke::Silent,
-            _ = sleep_until(beat_at.unwrap_or_else(far_future)), if beat_at.is_some() => Woke::Beat,
-        };
-        match woke {
-            Woke::Read(r) => r,
-            Woke::Silent => Err(LinkError::Silent(self.silent_after.unwrap_or_default())),
-            Woke::Beat => {
-                if self.out.is_empty() {
-                    frames::put_empty(&mut self.out);
-                }
-                // Counts as written now: the write itself happens in the next poll.
-                self.last_write = Instant::now();
-                Ok(())
-            }
+        match (silent_at, beat_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
