@@ -198,8 +198,8 @@ if (c64.ok > 0) {
     p();
     p('The floor row does TLS, sockets and frame splitting only (no message decoding, no output):');
     p('what any receiver on this machine pays for 64 000 single deliveries a second. The one-task');
-    p('row adds what iot-sub does per message (decode with fe2o3-amqp\'s codec, render, write),');
-    p('without fe2o3\'s connection, session and link tasks: see bench/README.md.');
+    p('row adds the per-message decode (fe2o3-amqp\'s codec), the JSON line and a write per read,');
+    p('but no dedup, metrics, sink task or settlement bookkeeping: see bench/README.md.');
   }
 } else if (c64Skipped) {
   p(`Skipped: ${c64Skipped.reason}`);
