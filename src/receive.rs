@@ -93,13 +93,13 @@ pub async fn pump(
     let mut last_batch = (1024usize, 4usize);
 
     'receiving: loop {
-        let starved = acks.room(ctx.credit) == 0;
+        let blocked = acks.blocked(sub, ctx);
         let first = tokio::select! {
             biased;
             _ = &mut cancelled => break 'receiving,
-            // Past the credit, wait for the sink's accepts: this keeps what is unsettled, and so
-            // memory, bounded by the credit however slow the output is.
-            Some(more) = acks.rx.recv(), if starved => {
+            // Nothing more can arrive until something is settled: take the sink's accepts as
+            // they come back, not on the timer.
+            Some(more) = acks.rx.recv(), if blocked => {
                 acks.on_returned(more, sub, ctx).await?;
                 continue;
             }
@@ -107,8 +107,9 @@ pub async fn pump(
                 acks.on_timer(sub, ctx).await?;
                 continue;
             }
-            // Also sends the heartbeat when due, and notices a silent server.
-            r = sub.recv(), if !starved => r?,
+            // Polled even when blocked: it also sends the heartbeat when due and notices a
+            // closing or silent server. (The credit keeps what can arrive within bounds.)
+            r = sub.recv() => r?,
         };
 
         let mut batch = Batch {
@@ -131,7 +132,7 @@ pub async fn pump(
         }
         // Awake anyway: take the accepts that are already back, without waiting for them.
         acks.collect();
-        if acks.pending.must_send(acks.outstanding, ctx.credit) {
+        if acks.pending.must_send(acks.outstanding, ctx.credit) || sub.credit() == 0 {
             acks.send(sub, ctx);
         }
         // Rejections, settlements and the credit they free go out now.
@@ -151,7 +152,7 @@ pub async fn pump(
         let n = batch.items.len();
         let mut batch = Some(batch);
         while let Some(b) = batch.take() {
-            let starved = acks.room(ctx.credit) == 0;
+            let blocked = acks.blocked(sub, ctx);
             tokio::select! {
                 biased;
                 permit = ctx.sink.reserve() => match permit {
@@ -163,7 +164,7 @@ pub async fn pump(
                     // The sink is gone: the run is ending; the cloud redelivers.
                     Err(_) => break 'receiving,
                 },
-                Some(more) = acks.rx.recv(), if starved => {
+                Some(more) = acks.rx.recv(), if blocked => {
                     acks.on_returned(more, sub, ctx).await?;
                     batch = Some(b);
                 }
@@ -173,6 +174,9 @@ pub async fn pump(
                 }
                 // Stopping: this batch was not handed over and is not accepted.
                 _ = &mut cancelled => break 'receiving,
+                // However long the output is stalled, the connection keeps sending its
+                // heartbeat and hears a close (what it reads waits in its buffer).
+                e = sub.keep_alive() => return Err(e),
             }
         }
         acks.arm_if_waiting();
@@ -214,6 +218,12 @@ impl AckState {
     /// (none: starved).
     fn room(&self, credit: usize) -> usize {
         credit.saturating_sub(self.outstanding + self.pending.len())
+    }
+
+    /// Nothing more can arrive until something is settled: the credit is used up here, or
+    /// the sender has none left (the link tops it up in steps, as deliveries are settled).
+    fn blocked(&self, sub: &Subscription, ctx: &PumpContext) -> bool {
+        self.room(ctx.credit) == 0 || sub.credit() == 0
     }
 
     fn add(&mut self, acks: Acks) {

@@ -475,6 +475,55 @@ async fn an_idle_subscription_keeps_itself_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_output_does_not_silence_the_connection() {
+    // The output (a pipe nobody reads) is stalled for longer than the idle-time-out, so the
+    // link's credit is used up and the receive loop waits for accepts that do not come. The
+    // emulator closes a client that sends nothing for its idle-time-out: the connection must
+    // keep sending its heartbeat meanwhile, and everything arrives once the output moves.
+    let world = World::start().await;
+    const N: usize = 1_000;
+    for i in 0..N {
+        world.emulator.publish(json_message(i));
+    }
+    let profile = world.profile("idle_timeout = \"30s\"\ncredit = 50");
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.args([
+        "listen",
+        "--profile",
+        "t",
+        "--count",
+        &N.to_string(),
+        "--config",
+    ])
+    .arg(&profile)
+    .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", KEY_SECRET)
+    .env("RUST_LOG", "info");
+    let (mut client, stdout) = Client::spawn_unread(cmd);
+    client.wait_stderr("receiver link attached", 1, T);
+    // 1 000 lines of ~600 bytes do not fit in a 64 KiB pipe: the output stalls.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let stats = world.emulator.stats();
+    assert!(
+        stats.accepted < N as u64,
+        "the output never stalled: {stats:?}"
+    );
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().count()
+    });
+    assert!(client.wait(T).success(), "{}", client.stderr());
+    assert_eq!(lines.join().unwrap(), N);
+    let stats = world.emulator.stats();
+    assert_eq!(stats.closed_idle, 0, "{stats:?}\n{}", client.stderr());
+    assert_eq!(
+        stats.connections_accepted,
+        1,
+        "never reconnected: {stats:?}\n{}",
+        client.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_deliveries_are_rejected_and_credit_never_stalls() {
     let world = World::start().await;
     // generateTime must be milliseconds; a boolean cannot be written in the schema.

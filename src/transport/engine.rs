@@ -382,6 +382,24 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         }
     }
 
+    /// Keeps the connection alive while the caller cannot take deliveries: writes what is
+    /// queued, sends heartbeats, and reads into the buffer (frames are handled on the next
+    /// [`Receiver::recv`]); returns only when the connection fails. Cancel-safe.
+    pub async fn keep_alive(&mut self) -> LinkError {
+        loop {
+            if let Err(e) = self.read_more().await {
+                // A Close (or End, Detach) read meanwhile says why better than the EOF.
+                return loop {
+                    match self.try_recv() {
+                        Ok(Some(_unsettled)) => continue,
+                        Ok(None) => break e,
+                        Err(said) => break said,
+                    }
+                };
+            }
+        }
+    }
+
     /// The next delivery among the frames already read, without waiting.
     pub fn try_recv(&mut self) -> Result<Option<Delivery>, LinkError> {
         while let Some(frame) =
