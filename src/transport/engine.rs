@@ -365,7 +365,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
                 other => return Err(unexpected("the server's Attach", &other)),
             }
         }
-        self.put_flow(false);
+        self.put_flow();
         self.flush_now().await
     }
 
@@ -559,7 +559,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         self.next_incoming_id = self.next_incoming_id.wrapping_add(1);
         self.transfers_since_flow += 1;
         if self.transfers_since_flow >= INCOMING_WINDOW / 2 {
-            self.put_flow(false);
+            self.put_flow();
         }
         let mut partial = match self.partial.take() {
             Some(p) => p,
@@ -636,7 +636,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
             }
         }
         if flow.echo {
-            self.put_flow(true);
+            // The answer carries our state; asking for an echo back would ping-pong.
+            self.put_flow();
         }
     }
 
@@ -692,7 +693,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         let room = self.credit.saturating_sub(self.held());
         let left = self.remaining_credit();
         if room > left && (room - left >= (self.credit / 4).max(1) || left == 0) {
-            self.put_flow(false);
+            self.put_flow();
         }
     }
 
@@ -704,7 +705,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
 
     /// Queues a Flow carrying the session's window and the link's credit (as much as the
     /// unsettled deliveries leave room for).
-    fn put_flow(&mut self, echo: bool) {
+    fn put_flow(&mut self) {
         let credit = self.credit.saturating_sub(self.held());
         self.horizon = self.delivery_count.wrapping_add(credit);
         self.transfers_since_flow = 0;
@@ -718,7 +719,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
             link_credit: Some(credit),
             available: None,
             drain: false,
-            echo,
+            echo: false,
             properties: None,
         };
         frames::put_amqp(&mut self.out, CHANNEL, &flow);

@@ -9,6 +9,8 @@
 //! them.
 
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod frames;
 pub mod tls;
 
