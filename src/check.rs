@@ -552,14 +552,8 @@ async fn connect_steps(
     );
 
     let mut receiver = transport::engine::Receiver::new(tls, endpoint.credit);
-    let crate::cloud::SaslCredentials { username, password } = creds;
     let t_sasl = Instant::now();
-    let login = within(
-        deadline,
-        receiver.sasl_plain(&endpoint.host, &username, Secret::expose(&password)),
-    )
-    .await;
-    drop(password);
+    let login = within(deadline, transport::login(&mut receiver, endpoint, creds)).await;
     if let Err(e) = login {
         return login_failed(report, t_sasl, false, e, kind);
     }
@@ -567,18 +561,7 @@ async fn connect_steps(
 
     // Open and Begin. A server that refuses the login may accept SASL and close right after
     // Open with amqp:unauthorized-access: that is reported under the login.
-    let opened = within(deadline, async {
-        let server = receiver
-            .open(
-                &endpoint.container_id,
-                &endpoint.host,
-                endpoint.idle_timeout,
-            )
-            .await?;
-        receiver.begin().await?;
-        Ok(server)
-    })
-    .await;
+    let opened = within(deadline, transport::open_session(&mut receiver, endpoint)).await;
     let server = match opened {
         Ok(server) => server,
         Err(e) if e.is_login_rejected() => return login_failed(report, t_sasl, true, e, kind),
@@ -620,11 +603,7 @@ async fn connect_steps(
     );
 
     let t = Instant::now();
-    let attached = within(
-        deadline,
-        receiver.attach(&transport::link_name(endpoint), &endpoint.source),
-    )
-    .await;
+    let attached = within(deadline, transport::attach(&mut receiver, endpoint)).await;
     match attached {
         Ok(()) => {}
         Err(e) if e.is_login_rejected() => {

@@ -4,9 +4,8 @@
 //! The socket is opened here (NODELAY, keep-alive), TLS is done here with rustls on ring, and
 //! the AMQP side is our own receiving end ([`engine`]) on fe2o3-amqp's types and codec.
 //!
-//! Each step is a public function ([`resolve`], [`connect_addrs`], [`tls_connect`]) or a method
-//! of [`engine::Receiver`] (`sasl_plain`, `open`, `begin`, `attach`) so `iot-sub check` can time
-//! them.
+//! Each step is a public function ([`resolve`], [`connect_addrs`], [`tls_connect`], [`login`],
+//! [`open_session`], [`attach`]) so `iot-sub check` can time them.
 
 pub mod engine;
 #[cfg(test)]
@@ -20,6 +19,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::types::definitions;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -266,12 +266,30 @@ async fn handshake(
 ) -> Result<Subscription, LinkError> {
     let tls = tls_connect(endpoint, tcp).await?;
     let mut receiver = engine::Receiver::new(tls, endpoint.credit);
+    login(&mut receiver, endpoint, creds).await?;
+    open_session(&mut receiver, endpoint).await?;
+    attach(&mut receiver, endpoint).await?;
+    Ok(receiver)
+}
+
+/// SASL PLAIN with these credentials (no deadline of its own).
+pub async fn login<Io: AsyncRead + AsyncWrite + Unpin>(
+    receiver: &mut engine::Receiver<Io>,
+    endpoint: &Endpoint,
+    creds: SaslCredentials,
+) -> Result<(), LinkError> {
     let SaslCredentials { username, password } = creds;
     receiver
         .sasl_plain(&endpoint.host, &username, Secret::expose(&password))
-        .await?;
-    drop(password);
-    receiver
+        .await
+}
+
+/// Open and Begin; returns what the server's Open said (no deadline of its own).
+pub async fn open_session<Io: AsyncRead + AsyncWrite + Unpin>(
+    receiver: &mut engine::Receiver<Io>,
+    endpoint: &Endpoint,
+) -> Result<engine::ServerOpen, LinkError> {
+    let server = receiver
         .open(
             &endpoint.container_id,
             &endpoint.host,
@@ -279,10 +297,17 @@ async fn handshake(
         )
         .await?;
     receiver.begin().await?;
+    Ok(server)
+}
+
+/// Attaches the receiver link on the endpoint's source (no deadline of its own).
+pub async fn attach<Io: AsyncRead + AsyncWrite + Unpin>(
+    receiver: &mut engine::Receiver<Io>,
+    endpoint: &Endpoint,
+) -> Result<(), LinkError> {
     receiver
         .attach(&link_name(endpoint), &endpoint.source)
-        .await?;
-    Ok(receiver)
+        .await
 }
 
 /// The receiver link's name.
