@@ -389,13 +389,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         loop {
             if let Err(e) = self.read_more().await {
                 // A Close (or End, Detach) read meanwhile says why better than the EOF.
-                return loop {
-                    match self.try_recv() {
-                        Ok(Some(_unsettled)) => continue,
-                        Ok(None) => break e,
-                        Err(said) => break said,
-                    }
-                };
+                return self.said_in_buffer().unwrap_or(e);
             }
         }
     }
@@ -421,7 +415,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
 
     /// Link credit the sender has now.
     pub fn credit(&self) -> u32 {
-        self.remaining_credit()
+        let left = self.horizon.wrapping_sub(self.delivery_count);
+        // A sender that counted past what we granted leaves nothing.
+        if left > self.credit {
+            0
+        } else {
+            left
+        }
     }
 
     /// Accepts these deliveries (settled at once: Aliyun's "at least once").
@@ -641,16 +641,6 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         }
     }
 
-    fn remaining_credit(&self) -> u32 {
-        let left = self.horizon.wrapping_sub(self.delivery_count);
-        // A sender that counted past what we granted leaves nothing.
-        if left > self.credit {
-            0
-        } else {
-            left
-        }
-    }
-
     /// Queues a Disposition per run of consecutive ids, then tops up the credit.
     fn settle(&mut self, ids: &mut [u32], state: DeliveryState) {
         ids.sort_unstable();
@@ -691,7 +681,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
     /// back, or when the sender has none left.
     fn top_up(&mut self) {
         let room = self.credit.saturating_sub(self.held());
-        let left = self.remaining_credit();
+        let left = self.credit();
         if room > left && (room - left >= (self.credit / 4).max(1) || left == 0) {
             self.put_flow();
         }
@@ -817,6 +807,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
             return Poll::Ready(Err(e));
         }
+        self.poll_read(cx)
+    }
+
+    /// Reads what is there into the buffer; ready once bytes came (or EOF, an error).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LinkError>> {
         if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
             self.rbuf.reserve(64 * 1024);
         }
@@ -880,12 +875,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
     async fn explain(&mut self, failed: LinkError) -> LinkError {
         let said = timeout(EXPLAIN_WITHIN, async {
             loop {
-                match self.try_recv() {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => {}
-                    Err(e) => return e,
+                if let Some(e) = self.said_in_buffer() {
+                    return e;
                 }
-                if let Err(e) = poll_fn(|cx| self.poll_read_only(cx)).await {
+                if let Err(e) = poll_fn(|cx| self.poll_read(cx)).await {
                     return e;
                 }
             }
@@ -901,15 +894,15 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Receiver<Io> {
         }
     }
 
-    fn poll_read_only(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LinkError>> {
-        if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
-            self.rbuf.reserve(64 * 1024);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkError::Lost("closed".into()))),
-            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(io_lost(&e))),
-            Poll::Pending => Poll::Pending,
+    /// The connection-ending frame among those already read, if any (the deliveries before
+    /// it are dropped unsettled: the server sends them again).
+    fn said_in_buffer(&mut self) -> Option<LinkError> {
+        loop {
+            match self.try_recv() {
+                Ok(Some(_unsettled)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
         }
     }
 }
